@@ -1,0 +1,66 @@
+//! The error vocabulary shared by every layer.
+//!
+//! Each layer has its own `thiserror` enum with the context it knows; each of
+//! those enums maps itself onto one [`ErrorKind`]. Boundaries (the replica wire
+//! protocol today, gRPC status codes and SCSI sense data later) translate the
+//! kind exactly once, so the same failure always reaches the user the same way.
+
+use std::fmt;
+
+/// The small, stable classification a boundary matches on.
+///
+/// The numeric values are part of the replica wire protocol (the status byte of
+/// a response, see `docs/format.md`); never renumber them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ErrorKind {
+    /// The named object (snapshot, layer, file) does not exist.
+    NotFound = 1,
+    /// An object with that name exists already.
+    AlreadyExists = 2,
+    /// The request itself is malformed: misaligned, empty, bad name.
+    InvalidArgument = 3,
+    /// The peer or the resource cannot serve right now; retrying may help.
+    Unavailable = 4,
+    /// The request addresses bytes beyond the end of the volume.
+    OutOfRange = 5,
+    /// Stored or received data failed a consistency check.
+    Corrupt = 6,
+    /// The operating system reported an I/O failure.
+    Io = 7,
+    /// The request is well formed but the state does not allow it now.
+    FailedPrecondition = 8,
+}
+
+impl ErrorKind {
+    /// Decodes a kind from its wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::NotFound,
+            2 => Self::AlreadyExists,
+            3 => Self::InvalidArgument,
+            4 => Self::Unavailable,
+            5 => Self::OutOfRange,
+            6 => Self::Corrupt,
+            7 => Self::Io,
+            8 => Self::FailedPrecondition,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::NotFound => "not found",
+            Self::AlreadyExists => "already exists",
+            Self::InvalidArgument => "invalid argument",
+            Self::Unavailable => "unavailable",
+            Self::OutOfRange => "out of range",
+            Self::Corrupt => "corrupt",
+            Self::Io => "i/o error",
+            Self::FailedPrecondition => "failed precondition",
+        };
+        f.write_str(s)
+    }
+}

@@ -1,0 +1,26 @@
+//! shorthorn: replicated block storage for Kubernetes.
+//!
+//! Layers, bottom up (each may use only those below it):
+//! - [`replica`]: one copy of a volume on one disk, served over TCP.
+//! - `engine`: mirrors a volume over its replicas (issue 3).
+//! - `frontend`: iSCSI target and FUSE file (issue 4).
+//! - `controller`, `node`: the CSI driver (issue 5).
+//!
+//! See ARCHITECTURE.md for how a write travels through them.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod replica;
+pub mod units;
+
+/// Raises this process's open-file limit to its hard limit: a replica keeps
+/// one descriptor per layer, and chains of thousands of snapshots are allowed.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

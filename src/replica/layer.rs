@@ -1,0 +1,145 @@
+//! One layer of the chain: a sparse file whose holes mean "look further down".
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::{lseek, Whence};
+
+use super::extents::{ExtentSet, BLOCK_SIZE};
+
+/// An open layer file. Positional I/O only, so one handle serves many
+/// concurrent requests without a lock.
+#[derive(Debug)]
+pub struct Layer {
+    file: File,
+    /// Read requests served from this layer; lets tests and metrics see which
+    /// layers a read touched.
+    reads: AtomicU64,
+}
+
+impl Layer {
+    /// Opens an existing layer file read-write.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        Ok(Self::from_file(file))
+    }
+
+    /// Creates a new, empty (all-hole) layer of `size` bytes and makes it durable.
+    pub fn create(path: &Path, size: u64) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(size)?;
+        file.sync_all()?;
+        Ok(Self::from_file(file))
+    }
+
+    fn from_file(file: File) -> Self {
+        Self {
+            file,
+            reads: AtomicU64::new(0),
+        }
+    }
+
+    /// A second handle on the same file (same inode) under a fresh counter.
+    pub fn reopen(&self) -> io::Result<Self> {
+        Ok(Self::from_file(self.file.try_clone()?))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Deallocates `[offset, offset+len)`; it reads back as zeros and, in the
+    /// chain, as "not in this layer".
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let l = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Makes everything written so far durable, data and allocation metadata
+    /// (hole punches included, which `fdatasync` is not guaranteed to cover).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+
+    /// Grows the file to `size` bytes (new space is a hole).
+    pub fn set_len(&self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)
+    }
+
+    /// The file's length in bytes.
+    pub fn file_len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    /// Bytes actually allocated on disk.
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    /// How many reads this handle has served.
+    pub fn read_count(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// (device, inode) of the file, to recognise hard links.
+    pub fn identity(&self) -> io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// Builds the layer's extent set from the file itself with
+    /// `SEEK_DATA`/`SEEK_HOLE`, looking at the first `size` bytes. Extent edges
+    /// are widened to whole blocks.
+    pub fn scan_extents(&self, size: u64) -> io::Result<ExtentSet> {
+        let mut set = ExtentSet::new();
+        let end = size.min(self.file_len()?);
+        let mut pos: u64 = 0;
+        let fd = self.file.as_raw_fd();
+        while pos < end {
+            let at = i64::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let data = match lseek(fd, at, Whence::SeekData) {
+                Ok(d) => u64::try_from(d).unwrap_or(u64::MAX),
+                Err(Errno::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            if data >= end {
+                break;
+            }
+            let data_at = i64::try_from(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let hole = match lseek(fd, data_at, Whence::SeekHole) {
+                Ok(h) => u64::try_from(h).unwrap_or(u64::MAX).min(end),
+                Err(Errno::ENXIO) => end,
+                Err(e) => return Err(e.into()),
+            };
+            set.add(data / BLOCK_SIZE..hole.div_ceil(BLOCK_SIZE));
+            pos = hole;
+        }
+        Ok(set)
+    }
+}

@@ -1,0 +1,162 @@
+//! `replica` owns one copy of one volume on one node's disk: the chain of
+//! sparse layer files in Longhorn v1's directory layout, the extent index that
+//! says which layer holds each block, and the TCP protocol that serves them.
+//!
+//! It knows nothing of the engine, the frontends, CSI or Kubernetes, and must
+//! not import `crate::engine`, `crate::frontend`, `crate::controller` or
+//! `crate::node` (enforced by `tests/layering.rs`).
+//!
+//! Map:
+//! - [`meta`]: Longhorn's metadata files, pure encode/decode plus atomic write.
+//! - [`extents`]: the block index (pure, property-tested).
+//! - [`layer`]: one sparse file: positional I/O, hole punching, extent scan.
+//! - [`store`]: [`Replica`], the chain and every operation on it.
+//! - [`wire`]: the frame format (pure, property-tested).
+//! - [`server`] / [`client`]: the protocol over TCP.
+
+pub mod client;
+pub mod extents;
+pub mod layer;
+pub mod meta;
+pub mod server;
+pub mod store;
+pub mod wire;
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::error::ErrorKind;
+
+pub use store::{ExtentChecksum, ExtentPage, LayerInfo, Replica, ReplicaInfo};
+
+/// Errors of the replica layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The directory holds no `volume.meta` and no size was given to create one.
+    #[error("no replica in {dir}: volume.meta is missing (pass --size to create one)")]
+    NoReplica {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The replica directory could not be read or created.
+    #[error("opening replica directory {dir}: {source}")]
+    OpenReplica {
+        /// The directory.
+        dir: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// An existing replica has another size than the one asked for.
+    #[error("replica in {dir} has size {actual} bytes but {requested} was requested; use expand to grow it")]
+    SizeMismatch {
+        /// The directory.
+        dir: PathBuf,
+        /// Size recorded in volume.meta.
+        actual: u64,
+        /// Size requested.
+        requested: u64,
+    },
+    /// I/O on a layer file failed.
+    #[error("i/o on layer {file}: {source}")]
+    LayerIo {
+        /// Layer file name.
+        file: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Reading or writing a metadata file failed.
+    #[error("metadata file {file}: {source}")]
+    MetaIo {
+        /// Metadata file name.
+        file: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A metadata file does not decode.
+    #[error("metadata file {file} is corrupt: {reason}")]
+    MetaCorrupt {
+        /// Metadata file name.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A layer names a parent that does not exist.
+    #[error("snapshot chain is broken: {layer} names parent {parent}, which does not exist")]
+    ChainBroken {
+        /// The child layer.
+        layer: String,
+        /// The missing parent.
+        parent: String,
+    },
+    /// An I/O request is not 4 KiB-aligned or is empty.
+    #[error("request offset {offset} length {len} must be non-empty multiples of 4096 bytes")]
+    Misaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// An I/O request reaches past the end of the volume.
+    #[error("request offset {offset} length {len} reaches past the volume size {size}")]
+    ExtentOutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// A volume size is zero or not a multiple of 4 KiB.
+    #[error("volume size {size} must be a non-zero multiple of 4096 bytes")]
+    BadSize {
+        /// The size given.
+        size: u64,
+    },
+    /// Expansion was asked to make the volume smaller.
+    #[error("cannot shrink the volume from {size} to {requested} bytes")]
+    Shrink {
+        /// Current size.
+        size: u64,
+        /// Requested size.
+        requested: u64,
+    },
+    /// No snapshot of that name.
+    #[error("snapshot {name:?} not found")]
+    SnapshotNotFound {
+        /// Snapshot name.
+        name: String,
+    },
+    /// A snapshot of that name exists.
+    #[error("snapshot {name:?} already exists")]
+    SnapshotExists {
+        /// Snapshot name.
+        name: String,
+    },
+    /// A snapshot name that cannot become a file name.
+    #[error("{0}")]
+    InvalidName(String),
+    /// A Longhorn feature shorthorn does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    /// The kind a boundary maps this error to.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NoReplica { .. } | Self::SnapshotNotFound { .. } => ErrorKind::NotFound,
+            Self::SnapshotExists { .. } => ErrorKind::AlreadyExists,
+            Self::Misaligned { .. }
+            | Self::BadSize { .. }
+            | Self::InvalidName(_)
+            | Self::Shrink { .. } => ErrorKind::InvalidArgument,
+            Self::ExtentOutOfRange { .. } => ErrorKind::OutOfRange,
+            Self::SizeMismatch { .. } | Self::Unsupported(_) => ErrorKind::FailedPrecondition,
+            Self::MetaCorrupt { .. } | Self::ChainBroken { .. } => ErrorKind::Corrupt,
+            Self::OpenReplica { .. } | Self::LayerIo { .. } | Self::MetaIo { .. } => ErrorKind::Io,
+        }
+    }
+}
+
+/// Result of replica operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

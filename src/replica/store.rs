@@ -1,0 +1,963 @@
+//! The replica store: one volume's chain of layer files in one directory.
+//!
+//! Invariants (checked by `tests/replica_model.rs` against a plain model):
+//! - `State::view` maps every block to the topmost layer of the active chain
+//!   holding it; blocks in no layer read as zeros.
+//! - `State::extents[i]` is exactly the data extents of snapshot layer `i` of
+//!   the active chain; the head's extents are the view's entries whose value is
+//!   the head's index (nothing shadows the head).
+//! - `State::lower` is the union of the snapshot layers' extents.
+//! - Snapshot files never change content as seen through the chain; only
+//!   `remove_snapshot` copies a parent's data into a child's holes, which does
+//!   not change what the child's view reads.
+//!
+//! Crash safety: data is only acknowledged durable by [`Replica::flush`]
+//! (fsync of the head). Every metadata change is a sequence of steps whose one
+//! commit point is an atomic rename of `volume.meta` or a `.img.meta`; the
+//! leftovers of an interrupted sequence are recognised and cleaned at open
+//! (`State::load`). See `docs/format.md` for each operation's step list.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::extents::{ExtentSet, View, BLOCK_SIZE};
+use super::layer::Layer;
+use super::meta::{self, DiskMeta, VolumeMeta};
+use super::{Error, Result};
+
+/// Chunk size of the per-extent checksums [`Replica::extents`] reports.
+/// Chunks are aligned in volume space, so two replicas holding the same data
+/// report the same chunk list whatever their files' fragmentation.
+pub const CHECKSUM_CHUNK_BYTES: u64 = 1 << 20;
+
+/// Largest single copy `remove_snapshot` issues while merging layers.
+const MERGE_COPY_BYTES: u64 = 1 << 20;
+
+/// One replica of one volume, open for I/O.
+#[derive(Debug)]
+pub struct Replica {
+    dir: PathBuf,
+    state: RwLock<State>,
+    /// Incremented by every write and unmap; persisted at each flush.
+    revision: AtomicU64,
+    /// Serialises writers of `revision.counter` and remembers what is on disk.
+    persisted_revision: Mutex<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    meta: VolumeMeta,
+    /// Active chain, bottom first; the last entry is the head.
+    chain: Vec<Arc<Layer>>,
+    /// File names parallel to `chain`.
+    names: Vec<String>,
+    /// Data extents of each snapshot layer of the chain (`chain.len() - 1` entries).
+    extents: Vec<ExtentSet>,
+    /// Union of `extents`: blocks some snapshot below the head holds.
+    lower: ExtentSet,
+    view: Mutex<View>,
+    /// Metadata of every layer file in the directory, on the chain or not.
+    disks: BTreeMap<String, DiskMeta>,
+    /// Sequence number for the next head file.
+    next_head: u32,
+}
+
+/// A layer as `list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerInfo {
+    /// Snapshot name, or the head's file name for the head.
+    pub name: String,
+    /// File name in the replica directory.
+    pub file: String,
+    /// Parent's file name; empty at the bottom.
+    pub parent: String,
+    /// Children's file names.
+    pub children: Vec<String>,
+    /// True for the live head.
+    pub head: bool,
+    /// True when the layer is on the active chain (reachable from the head).
+    pub active: bool,
+    /// Creation time (RFC 3339).
+    pub created: String,
+    /// Created at a user's request.
+    pub user_created: bool,
+    /// Bytes allocated on disk.
+    pub allocated_bytes: u64,
+    /// Labels given at creation.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Summary of a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaInfo {
+    /// Volume size in bytes.
+    pub size: u64,
+    /// Sector size recorded in `volume.meta`.
+    pub sector_size: u64,
+    /// Active chain file names, head first.
+    pub chain: Vec<String>,
+    /// Writes and unmaps applied since creation.
+    pub revision: u64,
+    /// Opened by a writer and not cleanly closed.
+    pub dirty: bool,
+    /// Marked as the target of an unfinished rebuild.
+    pub rebuilding: bool,
+}
+
+/// One checksummed chunk of a layer's data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtentChecksum {
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Length in bytes (at most [`CHECKSUM_CHUNK_BYTES`], never crossing a chunk boundary).
+    pub len: u64,
+    /// CRC32C of the chunk's bytes in that layer.
+    pub crc32c: u32,
+}
+
+/// A page of a layer's extents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtentPage {
+    /// The chunks, in offset order.
+    pub extents: Vec<ExtentChecksum>,
+    /// Offset to ask for next, absent when the layer has no more data.
+    pub next: Option<u64>,
+}
+
+fn io_err(file: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
+    let file = file.into();
+    move |source| Error::LayerIo { file, source }
+}
+
+fn meta_name(file: &str) -> String {
+    format!("{file}.meta")
+}
+
+impl Replica {
+    /// Opens the replica in `dir`. With `create_size`, creates an empty replica
+    /// of that size when the directory holds none, and checks the size of an
+    /// existing one.
+    pub fn open(dir: &Path, create_size: Option<u64>) -> Result<Self> {
+        let meta_path = dir.join(meta::VOLUME_META);
+        if !meta_path.exists() {
+            let size = create_size.ok_or_else(|| Error::NoReplica {
+                dir: dir.to_path_buf(),
+            })?;
+            Self::create(dir, size)?;
+        }
+        let state = State::load(dir)?;
+        if let Some(want) = create_size {
+            if want != state.meta.size {
+                return Err(Error::SizeMismatch {
+                    dir: dir.to_path_buf(),
+                    actual: state.meta.size,
+                    requested: want,
+                });
+            }
+        }
+        let rev = read_revision(dir)?;
+        let r = Self {
+            dir: dir.to_path_buf(),
+            state: RwLock::new(state),
+            revision: AtomicU64::new(rev),
+            persisted_revision: Mutex::new(rev),
+        };
+        r.set_flags(|m| m.dirty = true)?;
+        Ok(r)
+    }
+
+    fn create(dir: &Path, size: u64) -> Result<()> {
+        check_size(size)?;
+        fs::create_dir_all(dir).map_err(|source| Error::OpenReplica {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let head = meta::head_file_name(0);
+        let _ = fs::remove_file(dir.join(&head));
+        Layer::create(&dir.join(&head), size).map_err(io_err(&head))?;
+        let disk = DiskMeta {
+            name: head.clone(),
+            parent: String::new(),
+            removed: false,
+            user_created: false,
+            created: meta::now_rfc3339(),
+            labels: None,
+        };
+        write_meta(dir, &meta_name(&head), &meta::encode_disk(&disk))?;
+        write_meta(dir, meta::REVISION_COUNTER, &meta::encode_revision(0))?;
+        let vm = VolumeMeta {
+            size,
+            head,
+            dirty: false,
+            rebuilding: false,
+            error: String::new(),
+            parent: String::new(),
+            sector_size: 512,
+            backing_file_path: String::new(),
+            encrypted: false,
+        };
+        // volume.meta last: it is what makes the directory a replica.
+        write_meta(dir, meta::VOLUME_META, &meta::encode_volume(&vm))
+    }
+
+    /// The replica directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.read_state().meta.size
+    }
+
+    /// The revision counter (writes and unmaps applied).
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::SeqCst)
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock would be a bug elsewhere; the state
+        // itself is only ever replaced whole, so it stays usable.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (both 4 KiB-aligned).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.read_state();
+        let blocks = check_io(offset, buf.len() as u64, st.meta.size)?;
+        let segs = lock(&st.view).segments(blocks.clone());
+        for (r, layer) in segs {
+            let lo = usize::try_from((r.start - blocks.start) * BLOCK_SIZE).expect("fits buf");
+            let hi = usize::try_from((r.end - blocks.start) * BLOCK_SIZE).expect("fits buf");
+            match layer {
+                Some(i) => {
+                    let i = i as usize;
+                    st.chain[i]
+                        .read_at(&mut buf[lo..hi], r.start * BLOCK_SIZE)
+                        .map_err(io_err(&st.names[i]))?;
+                }
+                None => buf[lo..hi].fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (both 4 KiB-aligned) into the head.
+    /// Durable once a later [`flush`](Self::flush) returns.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let st = self.read_state();
+        let blocks = check_io(offset, data.len() as u64, st.meta.size)?;
+        let h = st.chain.len() - 1;
+        st.chain[h]
+            .write_at(data, offset)
+            .map_err(io_err(&st.names[h]))?;
+        lock(&st.view).insert(blocks, head_index(h));
+        self.revision.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Trims `[offset, offset+len)`: it reads back as zeros afterwards. Where
+    /// no snapshot holds data the head's space is given back (hole punched);
+    /// where a snapshot does, the head shadows it with written zeros.
+    pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+        let st = self.write_state();
+        let blocks = check_io(offset, len, st.meta.size)?;
+        let h = st.chain.len() - 1;
+        let head = &st.chain[h];
+        let mut view = lock(&st.view);
+        for (r, below) in st.lower.segments(blocks) {
+            let (off, n) = (r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE);
+            if below.is_some() {
+                write_zeros(head, off, n).map_err(io_err(&st.names[h]))?;
+                view.insert(r, head_index(h));
+            } else {
+                head.punch_hole(off, n).map_err(io_err(&st.names[h]))?;
+                view.remove(r);
+            }
+        }
+        self.revision.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Makes every write and unmap that returned before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        {
+            let st = self.read_state();
+            let h = st.chain.len() - 1;
+            st.chain[h].sync().map_err(io_err(&st.names[h]))?;
+        }
+        self.persist_revision()
+    }
+
+    fn persist_revision(&self) -> Result<()> {
+        let mut on_disk = lock(&self.persisted_revision);
+        let now = self.revision.load(Ordering::SeqCst);
+        if *on_disk != now {
+            write_meta(&self.dir, meta::REVISION_COUNTER, &meta::encode_revision(now))?;
+            *on_disk = now;
+        }
+        Ok(())
+    }
+
+    /// Turns the head into the immutable snapshot `name` and starts a new,
+    /// empty head on top of it. Waits for in-flight I/O (they hold the state
+    /// lock shared) and holds new I/O until done.
+    pub fn snapshot(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<()> {
+        meta::validate_snapshot_name(name).map_err(Error::InvalidName)?;
+        let mut st = self.write_state();
+        let snap = meta::snap_file_name(name);
+        if st.disks.contains_key(&snap) || self.dir.join(&snap).exists() {
+            return Err(Error::SnapshotExists { name: name.into() });
+        }
+        let h = st.chain.len() - 1;
+        let old_head = st.names[h].clone();
+        st.chain[h].sync().map_err(io_err(&old_head))?;
+        self.persist_revision()?;
+
+        // 1. The snapshot is a second name for the head's inode, with its meta.
+        //    Until step 3 commits, open() treats it as garbage (same inode as the head).
+        fs::hard_link(self.dir.join(&old_head), self.dir.join(&snap)).map_err(io_err(&snap))?;
+        let old_meta = st.disks.get(&old_head).cloned().unwrap_or_else(|| DiskMeta {
+            name: old_head.clone(),
+            parent: st.meta.parent.clone(),
+            removed: false,
+            user_created: false,
+            created: String::new(),
+            labels: None,
+        });
+        let snap_meta = DiskMeta {
+            name: old_head.clone(),
+            parent: old_meta.parent.clone(),
+            removed: false,
+            user_created,
+            created: meta::now_rfc3339(),
+            labels: (!labels.is_empty()).then_some(labels),
+        };
+        write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&snap_meta))?;
+
+        // 2. A new, empty head whose parent is the snapshot.
+        let new_head = meta::head_file_name(st.next_head);
+        let _ = fs::remove_file(self.dir.join(&new_head));
+        let layer = Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
+        let head_meta = DiskMeta {
+            name: new_head.clone(),
+            parent: snap.clone(),
+            removed: false,
+            user_created: false,
+            created: meta::now_rfc3339(),
+            labels: None,
+        };
+        write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))?;
+
+        // 3. Commit: volume.meta names the new head.
+        let mut vm = st.meta.clone();
+        vm.head = new_head.clone();
+        vm.parent = snap.clone();
+        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+
+        // 4. Drop the old head's names; the snapshot name keeps the inode.
+        remove_layer_files(&self.dir, &old_head)?;
+
+        // In memory: the head's extents become the snapshot's.
+        let mut head_set = ExtentSet::new();
+        for (r, l) in lock(&st.view).iter() {
+            if l as usize == h {
+                head_set.add(r);
+            }
+        }
+        for r in head_set.ranges() {
+            st.lower.add(r);
+        }
+        st.extents.push(head_set);
+        st.names[h] = snap.clone();
+        st.chain.push(Arc::new(layer));
+        st.names.push(new_head.clone());
+        st.disks.remove(&old_head);
+        st.disks.insert(snap, snap_meta);
+        st.disks.insert(new_head, head_meta);
+        st.meta = vm;
+        st.next_head += 1;
+        Ok(())
+    }
+
+    /// Removes snapshot `name`: its data is merged into each child's holes so
+    /// that nothing any child shows changes, then its files are deleted.
+    pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+        let mut st = self.write_state();
+        let snap = meta::snap_file_name(name);
+        let Some(mut smeta) = st.disks.get(&snap).cloned() else {
+            return Err(Error::SnapshotNotFound { name: name.into() });
+        };
+        // 1. Mark it removed: if we crash after re-parenting the children,
+        //    open() finishes the job instead of resurrecting it.
+        smeta.removed = true;
+        write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&smeta))?;
+        st.disks.insert(snap.clone(), smeta.clone());
+
+        let size = st.meta.size;
+        let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
+        let src_set = src.scan_extents(size).map_err(io_err(&snap))?;
+        let children: Vec<String> = st
+            .disks
+            .iter()
+            .filter(|(_, m)| m.parent == snap)
+            .map(|(f, _)| f.clone())
+            .collect();
+        for child in &children {
+            // 2. Copy what the child does not shadow, then make it durable.
+            let dst = if *child == st.meta.head {
+                Arc::clone(st.chain.last().expect("chain has a head"))
+            } else {
+                Arc::new(Layer::open(&self.dir.join(child)).map_err(io_err(child))?)
+            };
+            let dst_set = dst.scan_extents(size).map_err(io_err(child))?;
+            copy_missing(&src, &src_set, &dst, &dst_set).map_err(io_err(child))?;
+            dst.sync().map_err(io_err(child))?;
+            // 3. Commit for this child: it now descends from our parent.
+            let mut cm = st.disks[child].clone();
+            cm.parent = smeta.parent.clone();
+            write_meta(&self.dir, &meta_name(child), &meta::encode_disk(&cm))?;
+            if *child == st.meta.head {
+                let mut vm = st.meta.clone();
+                vm.parent = smeta.parent.clone();
+                write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+            }
+        }
+        // 4. Nothing refers to it any more.
+        remove_layer_files(&self.dir, &snap)?;
+        let fresh = State::load(&self.dir)?;
+        *st = fresh;
+        Ok(())
+    }
+
+    /// Discards the head and starts a new, empty one on top of snapshot
+    /// `name`. Snapshots newer than `name` stay, off the active chain.
+    pub fn revert(&self, name: &str) -> Result<()> {
+        let mut st = self.write_state();
+        let snap = meta::snap_file_name(name);
+        match st.disks.get(&snap) {
+            Some(m) if !m.removed => {}
+            _ => return Err(Error::SnapshotNotFound { name: name.into() }),
+        }
+        let old_head = st.meta.head.clone();
+        let new_head = meta::head_file_name(st.next_head);
+        let _ = fs::remove_file(self.dir.join(&new_head));
+        Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
+        let head_meta = DiskMeta {
+            name: new_head.clone(),
+            parent: snap.clone(),
+            removed: false,
+            user_created: false,
+            created: meta::now_rfc3339(),
+            labels: None,
+        };
+        write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))?;
+        let mut vm = st.meta.clone();
+        vm.head = new_head;
+        vm.parent = snap;
+        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+        remove_layer_files(&self.dir, &old_head)?;
+        let fresh = State::load(&self.dir)?;
+        *st = fresh;
+        self.revision.fetch_add(1, Ordering::SeqCst);
+        drop(st);
+        self.persist_revision()
+    }
+
+    /// Grows the volume to `new_size` bytes. Shrinking is refused.
+    pub fn expand(&self, new_size: u64) -> Result<()> {
+        check_size(new_size)?;
+        let mut st = self.write_state();
+        if new_size < st.meta.size {
+            return Err(Error::Shrink {
+                size: st.meta.size,
+                requested: new_size,
+            });
+        }
+        if new_size == st.meta.size {
+            return Ok(());
+        }
+        let h = st.chain.len() - 1;
+        st.chain[h].set_len(new_size).map_err(io_err(&st.names[h]))?;
+        st.chain[h].sync().map_err(io_err(&st.names[h]))?;
+        let mut vm = st.meta.clone();
+        vm.size = new_size;
+        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+        st.meta = vm;
+        Ok(())
+    }
+
+    /// Sets or clears the `rebuilding` flag (durably).
+    pub fn set_rebuilding(&self, rebuilding: bool) -> Result<()> {
+        self.set_flags(|m| m.rebuilding = rebuilding)
+    }
+
+    fn set_flags(&self, f: impl FnOnce(&mut VolumeMeta)) -> Result<()> {
+        let mut st = self.write_state();
+        let mut vm = st.meta.clone();
+        f(&mut vm);
+        if vm != st.meta {
+            write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+            st.meta = vm;
+        }
+        Ok(())
+    }
+
+    /// Flushes and marks the replica cleanly closed.
+    pub fn close(&self) -> Result<()> {
+        self.flush()?;
+        self.set_flags(|m| m.dirty = false)
+    }
+
+    /// Size, chain, revision and flags.
+    pub fn info(&self) -> ReplicaInfo {
+        let st = self.read_state();
+        ReplicaInfo {
+            size: st.meta.size,
+            sector_size: st.meta.sector_size,
+            chain: st.names.iter().rev().cloned().collect(),
+            revision: self.revision(),
+            dirty: st.meta.dirty,
+            rebuilding: st.meta.rebuilding,
+        }
+    }
+
+    /// Every layer in the directory, active chain first (head down), then the
+    /// off-chain snapshots by name.
+    pub fn list(&self) -> Result<Vec<LayerInfo>> {
+        let st = self.read_state();
+        let mut order: Vec<String> = st.names.iter().rev().cloned().collect();
+        order.extend(st.disks.keys().filter(|f| !st.names.contains(f)).cloned());
+        let mut out = Vec::with_capacity(order.len());
+        for file in order {
+            let Some(m) = st.disks.get(&file) else { continue };
+            let allocated = fs::metadata(self.dir.join(&file))
+                .map(|md| {
+                    use std::os::unix::fs::MetadataExt;
+                    md.blocks() * 512
+                })
+                .map_err(io_err(&file))?;
+            out.push(LayerInfo {
+                name: meta::parse_snap_file_name(&file)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| file.clone()),
+                parent: m.parent.clone(),
+                children: st
+                    .disks
+                    .iter()
+                    .filter(|(_, c)| c.parent == file)
+                    .map(|(f, _)| f.clone())
+                    .collect(),
+                head: file == st.meta.head,
+                active: st.names.contains(&file),
+                created: m.created.clone(),
+                user_created: m.user_created,
+                allocated_bytes: allocated,
+                labels: m.labels.clone().unwrap_or_default(),
+                file,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The data extents of one layer (a snapshot name, or `head`), cut into
+    /// chunk-aligned pieces with a CRC32C each, starting at byte `from`, at
+    /// most `max` pieces.
+    pub fn extents(&self, layer: &str, from: u64, max: usize) -> Result<ExtentPage> {
+        let st = self.read_state();
+        let file = if layer == "head" {
+            st.meta.head.clone()
+        } else {
+            meta::snap_file_name(layer)
+        };
+        let size = st.meta.size;
+        let (handle, set): (Arc<Layer>, ExtentSet) =
+            if let Some(i) = st.names.iter().position(|n| *n == file) {
+                let set = if i + 1 == st.chain.len() {
+                    let mut s = ExtentSet::new();
+                    for (r, l) in lock(&st.view).iter() {
+                        if l as usize == i {
+                            s.add(r);
+                        }
+                    }
+                    s
+                } else {
+                    st.extents[i].clone()
+                };
+                (Arc::clone(&st.chain[i]), set)
+            } else if st.disks.contains_key(&file) {
+                let l = Layer::open(&self.dir.join(&file)).map_err(io_err(&file))?;
+                let s = l.scan_extents(size).map_err(io_err(&file))?;
+                (Arc::new(l), s)
+            } else {
+                return Err(Error::SnapshotNotFound { name: layer.into() });
+            };
+        let chunk = CHECKSUM_CHUNK_BYTES / BLOCK_SIZE;
+        let start = from / BLOCK_SIZE;
+        let mut page = ExtentPage {
+            extents: Vec::new(),
+            next: None,
+        };
+        let mut buf = Vec::new();
+        for r in set.ranges() {
+            let mut b = r.start.max(start);
+            while b < r.end {
+                if page.extents.len() >= max {
+                    page.next = Some(b * BLOCK_SIZE);
+                    return Ok(page);
+                }
+                let e = r.end.min((b / chunk + 1) * chunk);
+                let len = (e - b) * BLOCK_SIZE;
+                buf.resize(usize::try_from(len).expect("chunk fits memory"), 0);
+                handle.read_at(&mut buf, b * BLOCK_SIZE).map_err(io_err(&file))?;
+                page.extents.push(ExtentChecksum {
+                    offset: b * BLOCK_SIZE,
+                    len,
+                    crc32c: crc32c::crc32c(&buf),
+                });
+                b = e;
+            }
+        }
+        Ok(page)
+    }
+
+    /// Reads served by each layer of the active chain (bottom first) since
+    /// it was opened.
+    pub fn layer_reads(&self) -> Vec<u64> {
+        self.read_state().chain.iter().map(|l| l.read_count()).collect()
+    }
+
+    /// Rebuilds the index from the layer files and compares it with the one
+    /// kept in memory; `Err` describes the first difference. An online fsck
+    /// for the index, used by the tests after every operation.
+    pub fn check_index(&self) -> Result<(), String> {
+        let st = self.read_state();
+        let size = st.meta.size;
+        let mut view = View::new();
+        let mut lower = ExtentSet::new();
+        for (i, layer) in st.chain.iter().enumerate() {
+            let set = layer.scan_extents(size).map_err(|e| e.to_string())?;
+            if i + 1 < st.chain.len() {
+                if set != st.extents[i] {
+                    return Err(format!("extents of {} differ from its file", st.names[i]));
+                }
+                for r in set.ranges() {
+                    lower.add(r);
+                }
+            }
+            for r in set.ranges() {
+                view.insert(r, head_index(i));
+            }
+        }
+        if lower != st.lower {
+            return Err("union of snapshot extents is stale".into());
+        }
+        let mem = lock(&st.view);
+        if *mem != view {
+            let a: Vec<_> = mem.iter().collect();
+            let b: Vec<_> = view.iter().collect();
+            return Err(format!("view differs: memory {a:?} files {b:?}"));
+        }
+        Ok(())
+    }
+
+    /// Number of entries in the merged block index.
+    pub fn index_entries(&self) -> usize {
+        lock(&self.read_state().view).len()
+    }
+}
+
+impl State {
+    /// Reads the directory, finishes or discards whatever an interrupted
+    /// operation left, and builds the index from the layer files.
+    fn load(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Vec<u8>> {
+            fs::read(dir.join(name)).map_err(|source| Error::MetaIo {
+                file: name.into(),
+                source,
+            })
+        };
+        let vm = meta::decode_volume(&read(meta::VOLUME_META)?).map_err(|e| Error::MetaCorrupt {
+            file: meta::VOLUME_META.into(),
+            reason: e.to_string(),
+        })?;
+        if !vm.backing_file_path.is_empty() || vm.encrypted {
+            return Err(Error::Unsupported(
+                "Longhorn backing images and encrypted replicas are not supported".into(),
+            ));
+        }
+        let head_path = dir.join(&vm.head);
+        let head = Layer::open(&head_path).map_err(io_err(&vm.head))?;
+        let head_id = head.identity().map_err(io_err(&vm.head))?;
+
+        let mut files: Vec<String> = Vec::new();
+        let entries = fs::read_dir(dir).map_err(|source| Error::OpenReplica {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        for e in entries {
+            let e = e.map_err(|source| Error::OpenReplica {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+            if let Some(n) = e.file_name().to_str() {
+                files.push(n.to_owned());
+            }
+        }
+        let mut changed = false;
+        let mut next_head = 0u32;
+        let mut disks = BTreeMap::new();
+        for f in &files {
+            if f.starts_with('.') && f.ends_with(".tmp") {
+                // An atomic write that never reached its rename.
+                let _ = fs::remove_file(dir.join(f));
+                changed = true;
+                continue;
+            }
+            if let Some(n) = meta::parse_head_file_name(f) {
+                next_head = next_head.max(n + 1);
+                if *f != vm.head {
+                    // A head superseded by a snapshot or revert that committed,
+                    // or a new head whose operation never committed.
+                    remove_layer_files(dir, f)?;
+                    changed = true;
+                }
+                continue;
+            }
+            if meta::parse_snap_file_name(f).is_some() {
+                let l = Layer::open(&dir.join(f)).map_err(io_err(f))?;
+                if l.identity().map_err(io_err(f))? == head_id {
+                    // A snapshot whose creation never committed.
+                    remove_layer_files(dir, f)?;
+                    changed = true;
+                    continue;
+                }
+                match fs::read(dir.join(meta_name(f))) {
+                    Ok(bytes) => {
+                        let m = meta::decode_disk(&bytes).map_err(|e| Error::MetaCorrupt {
+                            file: meta_name(f),
+                            reason: e.to_string(),
+                        })?;
+                        disks.insert(f.clone(), m);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        tracing::warn!(file = %f, "snapshot file without metadata ignored");
+                    }
+                    Err(source) => {
+                        return Err(Error::MetaIo {
+                            file: meta_name(f),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        let head_meta = match fs::read(dir.join(meta_name(&vm.head))) {
+            Ok(b) => meta::decode_disk(&b).map_err(|e| Error::MetaCorrupt {
+                file: meta_name(&vm.head),
+                reason: e.to_string(),
+            })?,
+            Err(_) => DiskMeta {
+                name: vm.head.clone(),
+                parent: vm.parent.clone(),
+                removed: false,
+                user_created: false,
+                created: String::new(),
+                labels: None,
+            },
+        };
+        disks.insert(vm.head.clone(), head_meta);
+
+        // Finish interrupted removals: removed snapshots nothing depends on.
+        loop {
+            let orphan = disks.iter().find(|(f, m)| {
+                m.removed && !disks.values().any(|c| c.parent == **f)
+            });
+            let Some((f, _)) = orphan else { break };
+            let f = f.clone();
+            remove_layer_files(dir, &f)?;
+            disks.remove(&f);
+            changed = true;
+        }
+
+        // The active chain, from the head down.
+        let mut names = vec![vm.head.clone()];
+        let mut cur = disks[&vm.head].parent.clone();
+        while !cur.is_empty() {
+            if names.len() > disks.len() {
+                return Err(Error::MetaCorrupt {
+                    file: meta_name(&vm.head),
+                    reason: "the parent links form a cycle".into(),
+                });
+            }
+            let Some(m) = disks.get(&cur) else {
+                return Err(Error::ChainBroken {
+                    layer: names.last().cloned().unwrap_or_default(),
+                    parent: cur,
+                });
+            };
+            names.push(cur.clone());
+            cur = m.parent.clone();
+        }
+        names.reverse();
+
+        let size = vm.size;
+        let mut chain = Vec::with_capacity(names.len());
+        let mut extents = Vec::with_capacity(names.len());
+        let mut lower = ExtentSet::new();
+        let mut view = View::new();
+        for (i, n) in names.iter().enumerate() {
+            let layer = if *n == vm.head {
+                head.reopen().map_err(io_err(n))?
+            } else {
+                Layer::open(&dir.join(n)).map_err(io_err(n))?
+            };
+            let set = layer.scan_extents(size).map_err(io_err(n))?;
+            let idx = u32::try_from(i).map_err(|_| Error::Unsupported("chain too long".into()))?;
+            for r in set.ranges() {
+                view.insert(r, idx);
+            }
+            if i + 1 < names.len() {
+                for r in set.ranges() {
+                    lower.add(r);
+                }
+                extents.push(set);
+            }
+            chain.push(Arc::new(layer));
+        }
+        let h = chain.last().expect("chain has a head");
+        if h.file_len().map_err(io_err(&vm.head))? < size {
+            // An expansion whose volume.meta commit happened but not the resize
+            // is impossible (resize first); this covers files copied sparsely short.
+            h.set_len(size).map_err(io_err(&vm.head))?;
+        }
+        if changed {
+            meta::sync_dir(dir).map_err(|source| Error::MetaIo {
+                file: ".".into(),
+                source,
+            })?;
+        }
+        Ok(Self {
+            meta: vm,
+            chain,
+            names,
+            extents,
+            lower,
+            view: Mutex::new(view),
+            disks,
+            next_head,
+        })
+    }
+}
+
+fn head_index(h: usize) -> u32 {
+    u32::try_from(h).expect("chain length is bounded by u32 at load")
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size == 0 || size % BLOCK_SIZE != 0 {
+        return Err(Error::BadSize { size });
+    }
+    Ok(())
+}
+
+/// Validates an I/O request and returns its block range.
+fn check_io(offset: u64, len: u64, size: u64) -> Result<Range<u64>> {
+    if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 || len == 0 {
+        return Err(Error::Misaligned { offset, len });
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(offset / BLOCK_SIZE..end / BLOCK_SIZE),
+        _ => Err(Error::ExtentOutOfRange { offset, len, size }),
+    }
+}
+
+fn read_revision(dir: &Path) -> Result<u64> {
+    match fs::read(dir.join(meta::REVISION_COUNTER)) {
+        Ok(b) => meta::decode_revision(&b).map_err(|e| Error::MetaCorrupt {
+            file: meta::REVISION_COUNTER.into(),
+            reason: e.to_string(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(Error::MetaIo {
+            file: meta::REVISION_COUNTER.into(),
+            source,
+        }),
+    }
+}
+
+fn write_meta(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    meta::write_atomic(dir, name, bytes).map_err(|source| Error::MetaIo {
+        file: name.into(),
+        source,
+    })
+}
+
+/// Deletes a layer file and its `.meta`, then makes the deletion durable.
+fn remove_layer_files(dir: &Path, file: &str) -> Result<()> {
+    for f in [file.to_owned(), meta_name(file)] {
+        match fs::remove_file(dir.join(&f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::MetaIo { file: f, source }),
+        }
+    }
+    meta::sync_dir(dir).map_err(|source| Error::MetaIo {
+        file: ".".into(),
+        source,
+    })
+}
+
+fn write_zeros(layer: &Layer, offset: u64, len: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64);
+        layer.write_at(&ZEROS[..usize::try_from(n).expect("<= 64 KiB")], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Copies `src`'s data into `dst` wherever `dst` has a hole.
+fn copy_missing(src: &Layer, src_set: &ExtentSet, dst: &Layer, dst_set: &ExtentSet) -> io::Result<()> {
+    let step = MERGE_COPY_BYTES / BLOCK_SIZE;
+    let mut buf = Vec::new();
+    for r in src_set.ranges() {
+        for hole in dst_set.holes(r) {
+            let mut b = hole.start;
+            while b < hole.end {
+                let e = hole.end.min(b + step);
+                buf.resize(usize::try_from((e - b) * BLOCK_SIZE).expect("<= 1 MiB"), 0);
+                src.read_at(&mut buf, b * BLOCK_SIZE)?;
+                dst.write_at(&buf, b * BLOCK_SIZE)?;
+                b = e;
+            }
+        }
+    }
+    Ok(())
+}

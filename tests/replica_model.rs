@@ -1,0 +1,222 @@
+//! Property test: random sequences of replica operations, including
+//! close-and-reopen, checked against a plain in-memory model of the volume.
+//! After every step the whole volume is read back and compared, and the
+//! in-memory index is compared with one rebuilt from the files.
+
+#![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
+
+use std::collections::{BTreeMap, HashMap};
+
+use proptest::prelude::*;
+use shorthorn::replica::Replica;
+
+const BLOCK: usize = 4096;
+const BLOCKS: u64 = 48;
+const SIZE: u64 = BLOCKS * BLOCK as u64;
+
+/// What one block holds in the model: zeros, or the content of write `tag`.
+type Model = HashMap<u64, u32>;
+
+/// The bytes a write with `tag` puts in `block`: unique per (block, tag) so a
+/// misplaced or stale block cannot pass for the right one.
+fn content(block: u64, tag: u32) -> Vec<u8> {
+    let mut b = vec![(tag % 251) as u8 + 1; BLOCK];
+    b[..8].copy_from_slice(&block.to_le_bytes());
+    b[8..12].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { block: u64, count: u64 },
+    Unmap { block: u64, count: u64 },
+    Snapshot,
+    Remove(usize),
+    Revert(usize),
+    Reopen,
+    Flush,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (0..BLOCKS, 1..8u64).prop_map(|(block, n)| Op::Write { block, count: n.min(BLOCKS - block) }),
+        3 => (0..BLOCKS, 1..12u64).prop_map(|(block, n)| Op::Unmap { block, count: n.min(BLOCKS - block) }),
+        2 => Just(Op::Snapshot),
+        1 => (0..8usize).prop_map(Op::Remove),
+        1 => (0..8usize).prop_map(Op::Revert),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Flush),
+    ]
+}
+
+fn check(r: &Replica, model: &Model) {
+    let mut buf = vec![0u8; SIZE as usize];
+    r.read(0, &mut buf).expect("read");
+    for b in 0..BLOCKS {
+        let got = &buf[b as usize * BLOCK..(b as usize + 1) * BLOCK];
+        match model.get(&b) {
+            Some(&tag) => assert!(got == content(b, tag).as_slice(), "block {b}: expected write {tag}"),
+            None => assert!(got.iter().all(|&x| x == 0), "block {b}: expected zeros"),
+        }
+    }
+    // A single-block read of each block agrees with the full read.
+    for b in [0, BLOCKS / 2, BLOCKS - 1] {
+        let mut one = vec![0u8; BLOCK];
+        r.read(b * BLOCK as u64, &mut one).expect("read one");
+        assert_eq!(one, buf[b as usize * BLOCK..(b as usize + 1) * BLOCK]);
+    }
+    r.check_index().expect("index matches the files");
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica");
+    let mut r = Replica::open(&path, Some(SIZE)).expect("create");
+    let mut model = Model::new();
+    let mut snaps: BTreeMap<String, Model> = BTreeMap::new();
+    let mut tag = 0u32;
+    let mut nsnap = 0u32;
+    for op in ops {
+        match op {
+            Op::Write { block, count } => {
+                let mut data = Vec::with_capacity(count as usize * BLOCK);
+                for b in block..block + count {
+                    tag += 1;
+                    data.extend(content(b, tag));
+                    model.insert(b, tag);
+                }
+                r.write(block * BLOCK as u64, &data).expect("write");
+            }
+            Op::Unmap { block, count } => {
+                r.unmap(block * BLOCK as u64, count * BLOCK as u64).expect("unmap");
+                for b in block..block + count {
+                    model.remove(&b);
+                }
+            }
+            Op::Snapshot => {
+                nsnap += 1;
+                let name = format!("s{nsnap}");
+                r.snapshot(&name, true, BTreeMap::new()).expect("snapshot");
+                snaps.insert(name, model.clone());
+            }
+            Op::Remove(i) => {
+                let Some(name) = snaps.keys().nth(i % snaps.len().max(1)).cloned() else { continue };
+                r.remove_snapshot(&name).expect("remove");
+                snaps.remove(&name);
+            }
+            Op::Revert(i) => {
+                let Some((name, m)) = snaps.iter().nth(i % snaps.len().max(1)) else { continue };
+                r.revert(name).expect("revert");
+                model = m.clone();
+            }
+            Op::Reopen => {
+                r.close().expect("close");
+                drop(r);
+                r = Replica::open(&path, Some(SIZE)).expect("reopen");
+            }
+            Op::Flush => r.flush().expect("flush"),
+        }
+        check(&r, &model);
+    }
+    // Every snapshot still present shows exactly what it showed when taken,
+    // whatever was removed or reverted in between.
+    for (name, m) in &snaps {
+        r.revert(name).expect("revert to check");
+        check(&r, m);
+    }
+    let listed: Vec<String> = r
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|l| !l.head)
+        .map(|l| l.name)
+        .collect();
+    let mut want: Vec<String> = snaps.keys().cloned().collect();
+    let mut got = listed;
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "listed snapshots");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn replica_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        run(ops);
+    }
+}
+
+#[test]
+fn unmap_reads_zero_over_snapshot_data_and_frees_unshared_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::open(dir.path(), Some(SIZE)).unwrap();
+    r.write(0, &content(0, 1)).unwrap();
+    r.snapshot("base", true, BTreeMap::new()).unwrap();
+    r.write(4 * BLOCK as u64, &vec![7u8; 4 * BLOCK]).unwrap();
+    r.flush().unwrap();
+    let head_before = r.list().unwrap()[0].allocated_bytes;
+    assert!(head_before >= 4 * BLOCK as u64);
+    r.unmap(0, 8 * BLOCK as u64).unwrap();
+    r.flush().unwrap();
+    let mut buf = vec![1u8; 8 * BLOCK];
+    r.read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    // Only the block that shadows the snapshot's data stays allocated.
+    let head_after = r.list().unwrap()[0].allocated_bytes;
+    assert_eq!(head_after, BLOCK as u64, "head keeps one zero block, frees the rest");
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    use shorthorn::error::ErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::open(dir.path(), Some(SIZE)).unwrap();
+    r.write(0, &content(0, 1)).unwrap();
+    let rev = r.revision();
+    assert_eq!(r.write(512, &[0u8; 4096]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(r.write(0, &[0u8; 100]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(r.write(SIZE, &[0u8; 4096]).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(r.unmap(SIZE - 4096, 8192).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(r.unmap(0, 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(r.snapshot("a/b", true, BTreeMap::new()).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(r.revert("missing").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(r.remove_snapshot("missing").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(r.expand(SIZE - 4096).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(r.expand(SIZE + 1).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    r.snapshot("a", true, BTreeMap::new()).unwrap();
+    assert_eq!(r.snapshot("a", true, BTreeMap::new()).unwrap_err().kind(), ErrorKind::AlreadyExists);
+    assert_eq!(r.revision(), rev);
+    let mut buf = vec![0u8; BLOCK];
+    r.read(0, &mut buf).unwrap();
+    assert_eq!(buf, content(0, 1));
+    drop(r);
+    assert_eq!(
+        Replica::open(dir.path(), Some(SIZE * 2)).unwrap_err().kind(),
+        ErrorKind::FailedPrecondition
+    );
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(Replica::open(empty.path(), None).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn expand_keeps_data_and_new_space_reads_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::open(dir.path(), Some(SIZE)).unwrap();
+    r.write(0, &content(0, 9)).unwrap();
+    r.snapshot("before", true, BTreeMap::new()).unwrap();
+    r.expand(SIZE * 4).unwrap();
+    assert_eq!(r.size(), SIZE * 4);
+    r.write(SIZE * 3, &content(BLOCKS * 3, 10)).unwrap();
+    let mut buf = vec![0u8; BLOCK];
+    r.read(SIZE * 2, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    r.close().unwrap();
+    drop(r);
+    let r = Replica::open(dir.path(), None).unwrap();
+    assert_eq!(r.size(), SIZE * 4);
+    r.read(0, &mut buf).unwrap();
+    assert_eq!(buf, content(0, 9));
+    r.read(SIZE * 3, &mut buf).unwrap();
+    assert_eq!(buf, content(BLOCKS * 3, 10));
+    r.check_index().unwrap();
+}
