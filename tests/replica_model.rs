@@ -220,3 +220,42 @@ fn expand_keeps_data_and_new_space_reads_zero() {
     assert_eq!(buf, content(BLOCKS * 3, 10));
     r.check_index().unwrap();
 }
+
+#[test]
+fn a_failed_snapshot_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::open(dir.path(), Some(SIZE)).unwrap();
+    r.write(0, &content(0, 1)).unwrap();
+    // A directory where the next head file must go makes the snapshot fail
+    // after its first steps.
+    std::fs::create_dir(dir.path().join("volume-head-001.img")).unwrap();
+    assert!(r.snapshot("s", true, BTreeMap::new()).is_err());
+    assert!(!dir.path().join("volume-snap-s.img").exists());
+    assert!(!dir.path().join("volume-snap-s.img.meta").exists());
+    assert_eq!(r.list().unwrap().len(), 1);
+    // Writes still land in the head, and the same name works once the obstacle is gone.
+    r.write(4096, &content(1, 2)).unwrap();
+    std::fs::remove_dir(dir.path().join("volume-head-001.img")).unwrap();
+    r.snapshot("s", true, BTreeMap::new()).unwrap();
+    r.write(0, &content(0, 3)).unwrap();
+    r.revert("s").unwrap();
+    let mut buf = vec![0u8; 2 * BLOCK];
+    r.read(0, &mut buf).unwrap();
+    assert_eq!(&buf[..BLOCK], content(0, 1).as_slice());
+    assert_eq!(&buf[BLOCK..], content(1, 2).as_slice());
+    r.check_index().unwrap();
+}
+
+#[test]
+fn a_replica_that_lost_its_volume_meta_is_not_recreated_over() {
+    use shorthorn::error::ErrorKind;
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::open(dir.path(), Some(SIZE)).unwrap();
+    r.write(0, &content(0, 1)).unwrap();
+    r.close().unwrap();
+    drop(r);
+    std::fs::remove_file(dir.path().join("volume.meta")).unwrap();
+    let e = Replica::open(dir.path(), Some(SIZE)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(dir.path().join("volume-head-000.img").exists());
+}

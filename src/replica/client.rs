@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -25,6 +26,17 @@ use super::wire::{
 use crate::error::ErrorKind;
 
 const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
+
+/// How long one call may wait for its answer before the connection is
+/// declared dead. Generous: a flush of a large, cold head can take seconds.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// TCP keepalive and user-timeout settings: a peer that vanished without a
+/// FIN or RST (power loss, partition) is noticed within about this long even
+/// when no call is waiting.
+const KEEPALIVE_IDLE_SECS: u32 = 5;
+const KEEPALIVE_INTERVAL_SECS: u32 = 2;
+const KEEPALIVE_PROBES: u32 = 3;
+const TCP_USER_TIMEOUT_MS: u32 = 15_000;
 
 /// Errors a client call can return.
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +66,22 @@ pub enum ClientError {
     /// A JSON answer did not decode.
     #[error("undecodable answer from replica: {0}")]
     Decode(String),
+    /// No answer within the call timeout; the connection was torn down.
+    #[error("replica did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The request cannot be sent as asked (checked before sending).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl ClientError {
     /// The kind a boundary maps this error to.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::ConnectReplica { .. } | Self::Disconnected => ErrorKind::Unavailable,
+            Self::ConnectReplica { .. } | Self::Disconnected | Self::Timeout(_) => {
+                ErrorKind::Unavailable
+            }
+            Self::InvalidRequest(_) => ErrorKind::InvalidArgument,
             Self::Remote { kind, .. } => *kind,
             Self::Protocol(_) | Self::Decode(_) => ErrorKind::Corrupt,
         }
@@ -86,6 +107,8 @@ pub struct Client {
     tx: mpsc::UnboundedSender<Outgoing>,
     pending: Arc<Mutex<Pending>>,
     next_id: Arc<AtomicU64>,
+    timeout: Duration,
+    tasks: Arc<[tokio::task::AbortHandle; 2]>,
 }
 
 impl std::fmt::Debug for Client {
@@ -99,33 +122,47 @@ fn lock(p: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
 }
 
 impl Client {
-    /// Connects to a replica at `addr` (`host:port`).
+    /// Connects to a replica at `addr` (`host:port`) with the default call timeout.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(addr)
+        Self::connect_with_timeout(addr, DEFAULT_CALL_TIMEOUT).await
+    }
+
+    /// Connects with a chosen per-call timeout (also bounds the connect).
+    pub async fn connect_with_timeout(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let connect_err = |source| ClientError::ConnectReplica {
+            addr: addr.into(),
+            source,
+        };
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|source| ClientError::ConnectReplica {
-                addr: addr.into(),
-                source,
-            })?;
+            .map_err(|_| connect_err(io::Error::from(io::ErrorKind::TimedOut)))?
+            .map_err(connect_err)?;
         let _ = stream.set_nodelay(true);
+        set_liveness_options(&stream);
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(Mutex::new(Pending::default()));
-        tokio::spawn(write_requests(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr), rx));
+        let writer = tokio::spawn(write_requests(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr), rx));
         let p = Arc::clone(&pending);
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let _ = read_responses(BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd), &p).await;
-            let mut g = lock(&p);
-            g.closed = true;
-            for (_, w) in g.waiting.drain() {
-                let _ = w.send(Err(ClientError::Disconnected));
-            }
+            fail_all(&p);
         });
         Ok(Self {
             tx,
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
+            timeout,
+            tasks: Arc::new([writer.abort_handle(), reader.abort_handle()]),
         })
+    }
+
+    /// Closes the connection; every waiting and later call fails.
+    pub fn shutdown(&self) {
+        for t in self.tasks.iter() {
+            t.abort();
+        }
+        fail_all(&self.pending);
     }
 
     async fn call(&self, op: Op, offset: u64, length: u64, payload: Bytes) -> Reply {
@@ -143,7 +180,25 @@ impl Client {
             lock(&self.pending).waiting.remove(&id);
             return Err(ClientError::Disconnected);
         }
-        orx.await.unwrap_or(Err(ClientError::Disconnected))
+        match tokio::time::timeout(self.timeout, orx).await {
+            Ok(reply) => reply.unwrap_or(Err(ClientError::Disconnected)),
+            Err(_) => {
+                // A replica that does not answer in time is treated as gone:
+                // tear the connection down so no other call waits on it either.
+                self.shutdown();
+                Err(ClientError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    fn check_io_len(len: u64) -> Result<(), ClientError> {
+        if len > wire::MAX_IO_BYTES {
+            return Err(ClientError::InvalidRequest(format!(
+                "{len} bytes in one request; the protocol allows at most {}",
+                wire::MAX_IO_BYTES
+            )));
+        }
+        Ok(())
     }
 
     async fn control<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
@@ -159,12 +214,14 @@ impl Client {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, ClientError> {
+        Self::check_io_len(len)?;
         self.call(Op::Read, offset, len, Bytes::new()).await
     }
 
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), ClientError> {
         let len = data.len() as u64;
+        Self::check_io_len(len)?;
         self.call(Op::Write, offset, len, data).await.map(drop)
     }
 
@@ -233,6 +290,30 @@ impl Client {
     pub async fn set_rebuilding(&self, rebuilding: bool) -> Result<(), ClientError> {
         self.control::<_, ()>(Op::SetRebuilding, &RebuildingRequest { rebuilding })
             .await
+    }
+}
+
+fn fail_all(p: &Mutex<Pending>) {
+    let mut g = lock(p);
+    g.closed = true;
+    for (_, w) in g.waiting.drain() {
+        let _ = w.send(Err(ClientError::Disconnected));
+    }
+}
+
+/// Keepalive and `TCP_USER_TIMEOUT`, so a silent peer breaks the connection
+/// (and fails its waiting calls) instead of leaving it open forever.
+fn set_liveness_options(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let set = || -> nix::Result<()> {
+        setsockopt(stream, sockopt::KeepAlive, &true)?;
+        setsockopt(stream, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECS)?;
+        setsockopt(stream, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECS)?;
+        setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+        setsockopt(stream, sockopt::TcpUserTimeout, &TCP_USER_TIMEOUT_MS)
+    };
+    if let Err(e) = set() {
+        tracing::warn!(error = %e, "cannot set TCP keepalive options");
     }
 }
 

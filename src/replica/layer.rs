@@ -114,12 +114,17 @@ impl Layer {
     }
 
     /// Builds the layer's extent set from the file itself with
-    /// `SEEK_DATA`/`SEEK_HOLE`, looking at the first `size` bytes. Extent edges
-    /// are widened to whole blocks.
+    /// `SEEK_DATA`/`SEEK_HOLE`, looking at the first `size` bytes.
     pub fn scan_extents(&self, size: u64) -> io::Result<ExtentSet> {
+        self.scan_extents_in(0..size)
+    }
+
+    /// The data extents within the byte range `range` (block-aligned). Extent
+    /// edges are widened to whole blocks.
+    pub fn scan_extents_in(&self, range: std::ops::Range<u64>) -> io::Result<ExtentSet> {
         let mut set = ExtentSet::new();
-        let end = size.min(self.file_len()?);
-        let mut pos: u64 = 0;
+        let end = range.end.min(self.file_len()?);
+        let mut pos: u64 = range.start;
         let fd = self.file.as_raw_fd();
         while pos < end {
             let at = i64::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;

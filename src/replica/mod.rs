@@ -132,9 +132,21 @@ pub enum Error {
         /// Snapshot name.
         name: String,
     },
+    /// The snapshot's removal was started and did not finish.
+    #[error("snapshot {name:?} is being removed; remove it again to finish")]
+    SnapshotRemoving {
+        /// Snapshot name.
+        name: String,
+    },
     /// A snapshot name that cannot become a file name.
     #[error("{0}")]
     InvalidName(String),
+    /// An earlier commit's outcome is unknown; the replica must be reopened.
+    #[error("replica failed and must be reopened: {reason}")]
+    Failed {
+        /// The error that made it fail.
+        reason: String,
+    },
     /// A Longhorn feature shorthorn does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -151,9 +163,14 @@ impl Error {
             | Self::InvalidName(_)
             | Self::Shrink { .. } => ErrorKind::InvalidArgument,
             Self::ExtentOutOfRange { .. } => ErrorKind::OutOfRange,
-            Self::SizeMismatch { .. } | Self::Unsupported(_) => ErrorKind::FailedPrecondition,
+            Self::SizeMismatch { .. } | Self::Unsupported(_) | Self::SnapshotRemoving { .. } => {
+                ErrorKind::FailedPrecondition
+            }
             Self::MetaCorrupt { .. } | Self::ChainBroken { .. } => ErrorKind::Corrupt,
-            Self::OpenReplica { .. } | Self::LayerIo { .. } | Self::MetaIo { .. } => ErrorKind::Io,
+            Self::OpenReplica { .. }
+            | Self::LayerIo { .. }
+            | Self::MetaIo { .. }
+            | Self::Failed { .. } => ErrorKind::Io,
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use super::store::Replica;
@@ -26,8 +26,17 @@ use super::wire::{
 };
 use crate::error::ErrorKind;
 
-/// Requests one connection may have executing at once.
+/// Requests one connection may have under way (executing or waiting to be
+/// written back) at once.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Payload bytes one connection may hold in memory at once (requests read
+/// but not answered, answers not yet written).
+pub const MAX_BUFFERED_BYTES_PER_CONN: usize = 64 << 20;
+/// Connections served at once; more are closed on arrival.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Pause after a failed `accept` (descriptor exhaustion, aborted handshakes)
+/// before trying again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Most extent chunks one `Extents` response carries.
 const MAX_EXTENTS_PAGE: u32 = 16_384;
 const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
@@ -35,17 +44,38 @@ const SOCKET_BUFFER_BYTES: usize = 256 * 1024;
 struct Response {
     header: ResponseHeader,
     payload: Vec<u8>,
+    /// Released once the answer is written, so memory held for unanswered
+    /// requests is bounded even when the client stops reading.
+    _budget: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
+
+/// Memory a request holds while under way, in [`BUDGET_UNIT`]s.
+const BUDGET_UNIT: usize = 4096;
 
 /// Accepts connections on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, replica: Arc<Replica>) -> io::Result<()> {
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors or a handshake aborted: existing
+                // connections must keep serving, so wait and go on.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&connections).try_acquire_owned() else {
+            warn!(peer = %peer, "too many connections; closing the new one");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let r = Arc::clone(&replica);
         let span = tracing::info_span!("conn", peer = %peer);
         tokio::spawn(
             async move {
+                let _slot = slot;
                 debug!("connected");
                 match handle(stream, r).await {
                     Ok(()) => debug!("closed"),
@@ -63,6 +93,7 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
     let (tx, rx) = mpsc::unbounded_channel::<Response>();
     let writer = tokio::spawn(write_responses(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr), rx));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let memory = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES_PER_CONN / BUDGET_UNIT));
     let result = loop {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         match rd.read_exact(&mut hb).await {
@@ -74,6 +105,21 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
             Ok(h) => h,
             Err(e) => break Err(refuse(&tx, e)),
         };
+        // Reserve before reading the payload or allocating the answer.
+        let permit = Arc::clone(&permits)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let bytes = match hdr.op {
+            Op::Read => hdr.length,
+            _ => u64::from(hdr.payload_len),
+        };
+        let units = u32::try_from(usize::try_from(bytes).unwrap_or(usize::MAX).div_ceil(BUDGET_UNIT).max(1))
+            .expect("request sizes are bounded by the header checks");
+        let mem = Arc::clone(&memory)
+            .acquire_many_owned(units)
+            .await
+            .expect("semaphore never closed");
         let mut payload = vec![0u8; hdr.payload_len as usize];
         if let Err(e) = rd.read_exact(&mut payload).await {
             break Err(e);
@@ -81,25 +127,25 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
         if let Err(e) = wire::verify_payload(hdr.id, hdr.payload_crc, &payload) {
             break Err(refuse(&tx, e));
         }
-        let permit = Arc::clone(&permits)
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
         let r = Arc::clone(&replica);
         let tx = tx.clone();
         tokio::spawn(async move {
             let id = hdr.id;
             let res = tokio::task::spawn_blocking(move || execute(&r, hdr, payload)).await;
             let (status, body) = match res {
-                Ok(Ok(body)) => (None, body),
+                Ok(Ok(body)) if body.len() <= wire::MAX_RESPONSE_BYTES as usize => (None, body),
+                Ok(Ok(body)) => (
+                    Some(ErrorKind::FailedPrecondition),
+                    format!("answer of {} bytes exceeds the protocol limit", body.len()).into_bytes(),
+                ),
                 Ok(Err((kind, msg))) => (Some(kind), msg.into_bytes()),
                 Err(join) => (Some(ErrorKind::Io), format!("request failed: {join}").into_bytes()),
             };
             let _ = tx.send(Response {
                 header: ResponseHeader::new(id, status, &body),
                 payload: body,
+                _budget: Some((permit, mem)),
             });
-            drop(permit);
         });
     };
     drop(tx);
@@ -119,6 +165,7 @@ fn refuse(tx: &mpsc::UnboundedSender<Response>, e: FrameError) -> io::Error {
     let _ = tx.send(Response {
         header: ResponseHeader::new(e.id().unwrap_or(0), Some(kind), &msg),
         payload: msg,
+        _budget: None,
     });
     io::Error::new(io::ErrorKind::InvalidData, e)
 }

@@ -37,6 +37,10 @@ use super::{Error, Result};
 /// report the same chunk list whatever their files' fragmentation.
 pub const CHECKSUM_CHUNK_BYTES: u64 = 1 << 20;
 
+/// Most bytes of labels (keys plus values) one snapshot may carry; keeps
+/// `list` answers small whatever users attach.
+pub const MAX_LABEL_BYTES: usize = 4096;
+
 /// Largest single copy `remove_snapshot` issues while merging layers.
 const MERGE_COPY_BYTES: u64 = 1 << 20;
 
@@ -49,6 +53,9 @@ pub struct Replica {
     revision: AtomicU64,
     /// Serialises writers of `revision.counter` and remembers what is on disk.
     persisted_revision: Mutex<u64>,
+    /// Set when a commit's outcome is unknown; the replica then refuses
+    /// everything until reopened.
+    failed: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -89,6 +96,9 @@ pub struct LayerInfo {
     pub created: String,
     /// Created at a user's request.
     pub user_created: bool,
+    /// A removal was started and did not finish (a crash); removing it
+    /// again completes it.
+    pub removed: bool,
     /// Bytes allocated on disk.
     pub allocated_bytes: u64,
     /// Labels given at creation.
@@ -150,13 +160,17 @@ impl Replica {
     /// existing one.
     pub fn open(dir: &Path, create_size: Option<u64>) -> Result<Self> {
         let meta_path = dir.join(meta::VOLUME_META);
-        if !meta_path.exists() {
+        let exists = meta_path.try_exists().map_err(|source| Error::OpenReplica {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        if !exists {
             let size = create_size.ok_or_else(|| Error::NoReplica {
                 dir: dir.to_path_buf(),
             })?;
             Self::create(dir, size)?;
         }
-        let state = State::load(dir)?;
+        let state = State::load(dir, true)?;
         if let Some(want) = create_size {
             if want != state.meta.size {
                 return Err(Error::SizeMismatch {
@@ -172,6 +186,7 @@ impl Replica {
             state: RwLock::new(state),
             revision: AtomicU64::new(rev),
             persisted_revision: Mutex::new(rev),
+            failed: Mutex::new(None),
         };
         r.set_flags(|m| m.dirty = true)?;
         Ok(r)
@@ -179,12 +194,40 @@ impl Replica {
 
     fn create(dir: &Path, size: u64) -> Result<()> {
         check_size(size)?;
-        fs::create_dir_all(dir).map_err(|source| Error::OpenReplica {
+        let open_err = |source| Error::OpenReplica {
             dir: dir.to_path_buf(),
             source,
-        })?;
+        };
+        fs::create_dir_all(dir).map_err(open_err)?;
+        if let Some(parent) = dir.parent() {
+            meta::sync_dir(parent).map_err(open_err)?;
+        }
         let head = meta::head_file_name(0);
-        let _ = fs::remove_file(dir.join(&head));
+        // Without volume.meta, the only layer files we may find are those of
+        // a creation that crashed before its commit: an unwritten first head.
+        // Anything else is a replica that lost its volume.meta, and creating
+        // over it would throw its data away.
+        for e in fs::read_dir(dir).map_err(open_err)? {
+            let name = e.map_err(open_err)?.file_name();
+            let name = name.to_string_lossy();
+            let leftover = name == head || name == meta_name(&head);
+            if name.starts_with("volume-") && !leftover {
+                return Err(Error::MetaCorrupt {
+                    file: meta::VOLUME_META.into(),
+                    reason: format!("missing, yet layer file {name} exists; refusing to create a new replica over it"),
+                });
+            }
+        }
+        if let Ok(l) = Layer::open(&dir.join(&head)) {
+            if l.allocated_bytes().map_err(io_err(&head))? != 0 {
+                return Err(Error::MetaCorrupt {
+                    file: meta::VOLUME_META.into(),
+                    reason: format!("missing, yet {head} holds data; refusing to create a new replica over it"),
+                });
+            }
+            drop(l);
+            fs::remove_file(dir.join(&head)).map_err(io_err(&head))?;
+        }
         Layer::create(&dir.join(&head), size).map_err(io_err(&head))?;
         let disk = DiskMeta {
             name: head.clone(),
@@ -238,6 +281,7 @@ impl Replica {
 
     /// Reads `buf.len()` bytes at `offset` (both 4 KiB-aligned).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_ok()?;
         let st = self.read_state();
         let blocks = check_io(offset, buf.len() as u64, st.meta.size)?;
         let segs = lock(&st.view).segments(blocks.clone());
@@ -260,12 +304,19 @@ impl Replica {
     /// Writes `data` at `offset` (both 4 KiB-aligned) into the head.
     /// Durable once a later [`flush`](Self::flush) returns.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_ok()?;
         let st = self.read_state();
         let blocks = check_io(offset, data.len() as u64, st.meta.size)?;
         let h = st.chain.len() - 1;
-        st.chain[h]
-            .write_at(data, offset)
-            .map_err(io_err(&st.names[h]))?;
+        if let Err(e) = st.chain[h].write_at(data, offset) {
+            // Part of the data may have landed; make the index say what the
+            // file now holds before reporting the failure.
+            st.resync_head(blocks);
+            return Err(Error::LayerIo {
+                file: st.names[h].clone(),
+                source: e,
+            });
+        }
         lock(&st.view).insert(blocks, head_index(h));
         self.revision.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -275,19 +326,26 @@ impl Replica {
     /// no snapshot holds data the head's space is given back (hole punched);
     /// where a snapshot does, the head shadows it with written zeros.
     pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_ok()?;
         let st = self.write_state();
         let blocks = check_io(offset, len, st.meta.size)?;
         let h = st.chain.len() - 1;
         let head = &st.chain[h];
         let mut view = lock(&st.view);
-        for (r, below) in st.lower.segments(blocks) {
+        for (r, below) in st.lower.segments(blocks.clone()) {
             let (off, n) = (r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE);
-            if below.is_some() {
-                write_zeros(head, off, n).map_err(io_err(&st.names[h]))?;
-                view.insert(r, head_index(h));
+            let done = if below.is_some() {
+                write_zeros(head, off, n).map(|()| view.insert(r, head_index(h)))
             } else {
-                head.punch_hole(off, n).map_err(io_err(&st.names[h]))?;
-                view.remove(r);
+                head.punch_hole(off, n).map(|()| view.remove(r))
+            };
+            if let Err(e) = done {
+                drop(view);
+                st.resync_head(blocks);
+                return Err(Error::LayerIo {
+                    file: st.names[h].clone(),
+                    source: e,
+                });
             }
         }
         self.revision.fetch_add(1, Ordering::SeqCst);
@@ -296,22 +354,61 @@ impl Replica {
 
     /// Makes every write and unmap that returned before this call durable.
     pub fn flush(&self) -> Result<()> {
+        self.check_ok()?;
+        // Read before syncing: the counter saved must not claim a write that
+        // finished during the sync and so may not be covered by it.
+        let covered = self.revision.load(Ordering::SeqCst);
         {
             let st = self.read_state();
             let h = st.chain.len() - 1;
             st.chain[h].sync().map_err(io_err(&st.names[h]))?;
         }
-        self.persist_revision()
+        self.persist_revision(covered)
     }
 
-    fn persist_revision(&self) -> Result<()> {
+    fn persist_revision(&self, now: u64) -> Result<()> {
         let mut on_disk = lock(&self.persisted_revision);
-        let now = self.revision.load(Ordering::SeqCst);
-        if *on_disk != now {
+        if *on_disk < now {
             write_meta(&self.dir, meta::REVISION_COUNTER, &meta::encode_revision(now))?;
             *on_disk = now;
         }
         Ok(())
+    }
+
+    /// Writes `volume.meta`, a commit point. If that fails we cannot know
+    /// whether the rename reached the disk, so the in-memory state may no
+    /// longer match it: the replica refuses all further requests until it is
+    /// reopened from what is on disk.
+    fn commit_volume_meta(&self, vm: &VolumeMeta) -> Result<()> {
+        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(vm)).map_err(|e| self.poison(e))
+    }
+
+    /// Replaces the in-memory state with one loaded from the directory after
+    /// a committed change; failing to, the replica is poisoned.
+    fn reload(&self, st: &mut State) -> Result<()> {
+        match State::load(&self.dir, false) {
+            Ok(fresh) => {
+                *st = fresh;
+                Ok(())
+            }
+            Err(e) => Err(self.poison(e)),
+        }
+    }
+
+    /// Marks the replica failed; every later request gets [`Error::Failed`].
+    fn poison(&self, e: Error) -> Error {
+        tracing::error!(error = %e, "replica state no longer trusted; reopen it");
+        *lock(&self.failed) = Some(e.to_string());
+        e
+    }
+
+    fn check_ok(&self) -> Result<()> {
+        match &*lock(&self.failed) {
+            None => Ok(()),
+            Some(reason) => Err(Error::Failed {
+                reason: reason.clone(),
+            }),
+        }
     }
 
     /// Turns the head into the immutable snapshot `name` and starts a new,
@@ -323,7 +420,14 @@ impl Replica {
         user_created: bool,
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
+        self.check_ok()?;
         meta::validate_snapshot_name(name).map_err(Error::InvalidName)?;
+        let label_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if label_bytes > MAX_LABEL_BYTES {
+            return Err(Error::InvalidName(format!(
+                "snapshot labels take {label_bytes} bytes; at most {MAX_LABEL_BYTES} are allowed"
+            )));
+        }
         let mut st = self.write_state();
         let snap = meta::snap_file_name(name);
         if st.disks.contains_key(&snap) || self.dir.join(&snap).exists() {
@@ -332,51 +436,57 @@ impl Replica {
         let h = st.chain.len() - 1;
         let old_head = st.names[h].clone();
         st.chain[h].sync().map_err(io_err(&old_head))?;
-        self.persist_revision()?;
+        self.persist_revision(self.revision())?;
 
-        // 1. The snapshot is a second name for the head's inode, with its meta.
-        //    Until step 3 commits, open() treats it as garbage (same inode as the head).
-        fs::hard_link(self.dir.join(&old_head), self.dir.join(&snap)).map_err(io_err(&snap))?;
-        let old_meta = st.disks.get(&old_head).cloned().unwrap_or_else(|| DiskMeta {
-            name: old_head.clone(),
-            parent: st.meta.parent.clone(),
-            removed: false,
-            user_created: false,
-            created: String::new(),
-            labels: None,
-        });
-        let snap_meta = DiskMeta {
-            name: old_head.clone(),
-            parent: old_meta.parent.clone(),
-            removed: false,
-            user_created,
-            created: meta::now_rfc3339(),
-            labels: (!labels.is_empty()).then_some(labels),
-        };
-        write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&snap_meta))?;
-
-        // 2. A new, empty head whose parent is the snapshot.
         let new_head = meta::head_file_name(st.next_head);
-        let _ = fs::remove_file(self.dir.join(&new_head));
-        let layer = Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
-        let head_meta = DiskMeta {
-            name: new_head.clone(),
-            parent: snap.clone(),
-            removed: false,
-            user_created: false,
-            created: meta::now_rfc3339(),
-            labels: None,
+        let prepared = (|| -> Result<(Layer, DiskMeta, DiskMeta)> {
+            // 1. The snapshot is a second name for the head's inode, with its
+            //    meta. Until step 3 commits, open() treats it as garbage (same
+            //    inode as the head).
+            fs::hard_link(self.dir.join(&old_head), self.dir.join(&snap)).map_err(io_err(&snap))?;
+            let parent = st
+                .disks
+                .get(&old_head)
+                .map_or_else(|| st.meta.parent.clone(), |m| m.parent.clone());
+            let snap_meta = DiskMeta {
+                name: old_head.clone(),
+                parent,
+                removed: false,
+                user_created,
+                created: meta::now_rfc3339(),
+                labels: (!labels.is_empty()).then_some(labels),
+            };
+            write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&snap_meta))?;
+            // 2. A new, empty head whose parent is the snapshot.
+            let _ = fs::remove_file(self.dir.join(&new_head));
+            let layer = Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
+            let head_meta = DiskMeta {
+                name: new_head.clone(),
+                parent: snap.clone(),
+                removed: false,
+                user_created: false,
+                created: meta::now_rfc3339(),
+                labels: None,
+            };
+            write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))?;
+            Ok((layer, snap_meta, head_meta))
+        })();
+        let (layer, snap_meta, head_meta) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing committed: take back what was made so that the
+                // directory holds no half-made snapshot.
+                let _ = remove_layer_files(&self.dir, &snap);
+                let _ = remove_layer_files(&self.dir, &new_head);
+                return Err(e);
+            }
         };
-        write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))?;
 
         // 3. Commit: volume.meta names the new head.
         let mut vm = st.meta.clone();
         vm.head = new_head.clone();
         vm.parent = snap.clone();
-        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
-
-        // 4. Drop the old head's names; the snapshot name keeps the inode.
-        remove_layer_files(&self.dir, &old_head)?;
+        self.commit_volume_meta(&vm)?;
 
         // In memory: the head's extents become the snapshot's.
         let mut head_set = ExtentSet::new();
@@ -397,12 +507,19 @@ impl Replica {
         st.disks.insert(new_head, head_meta);
         st.meta = vm;
         st.next_head += 1;
+        drop(st);
+        // 4. Drop the old head's names; the snapshot name keeps the inode.
+        //    Failing here leaves only leftovers that open() removes.
+        if let Err(e) = remove_layer_files(&self.dir, &old_head) {
+            tracing::warn!(error = %e, "old head left behind; removed at next open");
+        }
         Ok(())
     }
 
     /// Removes snapshot `name`: its data is merged into each child's holes so
     /// that nothing any child shows changes, then its files are deleted.
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+        self.check_ok()?;
         let mut st = self.write_state();
         let snap = meta::snap_file_name(name);
         let Some(mut smeta) = st.disks.get(&snap).cloned() else {
@@ -436,56 +553,82 @@ impl Replica {
             // 3. Commit for this child: it now descends from our parent.
             let mut cm = st.disks[child].clone();
             cm.parent = smeta.parent.clone();
-            write_meta(&self.dir, &meta_name(child), &meta::encode_disk(&cm))?;
+            if let Err(e) = write_meta(&self.dir, &meta_name(child), &meta::encode_disk(&cm)) {
+                return Err(self.poison(e));
+            }
             if *child == st.meta.head {
                 let mut vm = st.meta.clone();
                 vm.parent = smeta.parent.clone();
-                write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+                self.commit_volume_meta(&vm)?;
             }
         }
         // 4. Nothing refers to it any more.
-        remove_layer_files(&self.dir, &snap)?;
-        let fresh = State::load(&self.dir)?;
-        *st = fresh;
-        Ok(())
+        if let Err(e) = remove_layer_files(&self.dir, &snap) {
+            tracing::warn!(error = %e, "removed snapshot's files left behind; removed at next open");
+        }
+        self.reload(&mut st)
     }
 
     /// Discards the head and starts a new, empty one on top of snapshot
     /// `name`. Snapshots newer than `name` stay, off the active chain.
     pub fn revert(&self, name: &str) -> Result<()> {
+        self.check_ok()?;
         let mut st = self.write_state();
         let snap = meta::snap_file_name(name);
         match st.disks.get(&snap) {
-            Some(m) if !m.removed => {}
-            _ => return Err(Error::SnapshotNotFound { name: name.into() }),
+            Some(m) if m.removed => return Err(Error::SnapshotRemoving { name: name.into() }),
+            Some(_) => {}
+            None => return Err(Error::SnapshotNotFound { name: name.into() }),
+        }
+        // The chain below the target must be whole before we commit to it.
+        let mut cur = snap.clone();
+        for _ in 0..=st.disks.len() {
+            match st.disks.get(&cur) {
+                Some(m) if m.parent.is_empty() => break,
+                Some(m) => cur = m.parent.clone(),
+                None => {
+                    return Err(Error::ChainBroken {
+                        layer: snap,
+                        parent: cur,
+                    })
+                }
+            }
         }
         let old_head = st.meta.head.clone();
         let new_head = meta::head_file_name(st.next_head);
-        let _ = fs::remove_file(self.dir.join(&new_head));
-        Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
-        let head_meta = DiskMeta {
-            name: new_head.clone(),
-            parent: snap.clone(),
-            removed: false,
-            user_created: false,
-            created: meta::now_rfc3339(),
-            labels: None,
-        };
-        write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))?;
+        let prepared = (|| -> Result<()> {
+            let _ = fs::remove_file(self.dir.join(&new_head));
+            Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
+            let head_meta = DiskMeta {
+                name: new_head.clone(),
+                parent: snap.clone(),
+                removed: false,
+                user_created: false,
+                created: meta::now_rfc3339(),
+                labels: None,
+            };
+            write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))
+        })();
+        if let Err(e) = prepared {
+            let _ = remove_layer_files(&self.dir, &new_head);
+            return Err(e);
+        }
         let mut vm = st.meta.clone();
         vm.head = new_head;
         vm.parent = snap;
-        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
-        remove_layer_files(&self.dir, &old_head)?;
-        let fresh = State::load(&self.dir)?;
-        *st = fresh;
+        self.commit_volume_meta(&vm)?;
+        if let Err(e) = remove_layer_files(&self.dir, &old_head) {
+            tracing::warn!(error = %e, "old head left behind; removed at next open");
+        }
+        self.reload(&mut st)?;
         self.revision.fetch_add(1, Ordering::SeqCst);
         drop(st);
-        self.persist_revision()
+        self.persist_revision(self.revision())
     }
 
     /// Grows the volume to `new_size` bytes. Shrinking is refused.
     pub fn expand(&self, new_size: u64) -> Result<()> {
+        self.check_ok()?;
         check_size(new_size)?;
         let mut st = self.write_state();
         if new_size < st.meta.size {
@@ -502,7 +645,7 @@ impl Replica {
         st.chain[h].sync().map_err(io_err(&st.names[h]))?;
         let mut vm = st.meta.clone();
         vm.size = new_size;
-        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+        self.commit_volume_meta(&vm)?;
         st.meta = vm;
         Ok(())
     }
@@ -513,11 +656,12 @@ impl Replica {
     }
 
     fn set_flags(&self, f: impl FnOnce(&mut VolumeMeta)) -> Result<()> {
+        self.check_ok()?;
         let mut st = self.write_state();
         let mut vm = st.meta.clone();
         f(&mut vm);
         if vm != st.meta {
-            write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(&vm))?;
+            self.commit_volume_meta(&vm)?;
             st.meta = vm;
         }
         Ok(())
@@ -545,6 +689,7 @@ impl Replica {
     /// Every layer in the directory, active chain first (head down), then the
     /// off-chain snapshots by name.
     pub fn list(&self) -> Result<Vec<LayerInfo>> {
+        self.check_ok()?;
         let st = self.read_state();
         let mut order: Vec<String> = st.names.iter().rev().cloned().collect();
         order.extend(st.disks.keys().filter(|f| !st.names.contains(f)).cloned());
@@ -572,6 +717,7 @@ impl Replica {
                 active: st.names.contains(&file),
                 created: m.created.clone(),
                 user_created: m.user_created,
+                removed: m.removed,
                 allocated_bytes: allocated,
                 labels: m.labels.clone().unwrap_or_default(),
                 file,
@@ -584,6 +730,7 @@ impl Replica {
     /// chunk-aligned pieces with a CRC32C each, starting at byte `from`, at
     /// most `max` pieces.
     pub fn extents(&self, layer: &str, from: u64, max: usize) -> Result<ExtentPage> {
+        self.check_ok()?;
         let st = self.read_state();
         let file = if layer == "head" {
             st.meta.head.clone()
@@ -688,9 +835,34 @@ impl Replica {
 }
 
 impl State {
+    /// Re-reads which blocks of `blocks` the head file holds and makes the
+    /// view agree, after a failed write or unmap left the file's content
+    /// unknown. If even that fails the view keeps its old entries for the
+    /// range and the error is logged; `check_index` would report it.
+    fn resync_head(&self, blocks: Range<u64>) {
+        let h = self.chain.len() - 1;
+        let found = self.chain[h].scan_extents_in(blocks.start * BLOCK_SIZE..blocks.end * BLOCK_SIZE);
+        match found {
+            Ok(set) => {
+                let mut view = lock(&self.view);
+                view.remove(blocks.clone());
+                // The snapshots bottom up, then whatever the head holds on top.
+                for (i, es) in self.extents.iter().enumerate() {
+                    for (r, ()) in es.overlapping(blocks.clone()) {
+                        view.insert(r, head_index(i));
+                    }
+                }
+                for r in set.ranges() {
+                    view.insert(r, head_index(h));
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot re-read head extents after a failed write"),
+        }
+    }
+
     /// Reads the directory, finishes or discards whatever an interrupted
     /// operation left, and builds the index from the layer files.
-    fn load(dir: &Path) -> Result<Self> {
+    fn load(dir: &Path, at_open: bool) -> Result<Self> {
         let read = |name: &str| -> Result<Vec<u8>> {
             fs::read(dir.join(name)).map_err(|source| Error::MetaIo {
                 file: name.into(),
@@ -706,6 +878,7 @@ impl State {
                 "Longhorn backing images and encrypted replicas are not supported".into(),
             ));
         }
+        check_filesystem(dir)?;
         let head_path = dir.join(&vm.head);
         let head = Layer::open(&head_path).map_err(io_err(&vm.head))?;
         let head_id = head.identity().map_err(io_err(&vm.head))?;
@@ -729,6 +902,10 @@ impl State {
         let mut disks = BTreeMap::new();
         for f in &files {
             if f.starts_with('.') && f.ends_with(".tmp") {
+                if !at_open {
+                    // Possibly a concurrent flush's revision.counter in the making.
+                    continue;
+                }
                 // An atomic write that never reached its rename.
                 let _ = fs::remove_file(dir.join(f));
                 changed = true;
@@ -868,6 +1045,24 @@ impl State {
             next_head,
         })
     }
+}
+
+/// The index trusts `SEEK_DATA` to report exactly the 4 KiB blocks written.
+/// A filesystem allocating in larger units would report data where none was
+/// written, hiding older snapshots' blocks; refuse it rather than misread.
+fn check_filesystem(dir: &Path) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::OpenReplica {
+        dir: dir.to_path_buf(),
+        source: e.into(),
+    })?;
+    let unit = st.fragment_size();
+    if unit == 0 || unit > BLOCK_SIZE || BLOCK_SIZE % unit != 0 {
+        return Err(Error::Unsupported(format!(
+            "the filesystem under {} allocates in units of {unit} bytes; shorthorn needs 4096 or a divisor of it",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 fn head_index(h: usize) -> u32 {
