@@ -1,16 +1,20 @@
 //! shorthorn: replicated block storage for Kubernetes.
 //!
-//! Layers, bottom up (each may use only those below it):
+//! Layers, bottom up (each may use only those below it; `tests/layering.rs`
+//! enforces it):
 //! - [`replica`]: one copy of a volume on one disk, served over TCP.
-//! - `engine`: mirrors a volume over its replicas (issue 3).
+//! - [`engine`]: mirrors a volume over its replicas (issue 3).
 //! - `frontend`: iSCSI target and FUSE file (issue 4).
-//! - `controller`, `node`: the CSI driver (issue 5).
+//! - [`controller`], [`node`]: the CSI driver (issue 5).
 //!
 //! See ARCHITECTURE.md for how a write travels through them.
 
 #![warn(missing_docs)]
 
+pub mod controller;
+pub mod engine;
 pub mod error;
+pub mod node;
 pub mod replica;
 pub mod units;
 

@@ -200,3 +200,29 @@ async fn an_oversized_request_is_refused_locally_and_the_connection_survives() {
     c.write(0, Bytes::from(block(0, 3))).await.unwrap();
     assert_eq!(c.read(0, 4096).await.unwrap(), block(0, 3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_large_requests_than_the_memory_budget_all_complete() {
+    // 24 x 8 MiB in flight is three times a connection's 64 MiB budget: the
+    // server must keep making progress, not wait on budget its own queued
+    // requests hold.
+    let (_d, addr, _r) = start().await;
+    let c = Client::connect(&addr).await.unwrap();
+    let chunk = 8u64 << 20;
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let off = (i % 8) * chunk;
+            c.write(off, Bytes::from(vec![i as u8; chunk as usize])).await.unwrap();
+            c.read(off, chunk).await.unwrap().len()
+        }));
+    }
+    let done = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), chunk as usize);
+        }
+    })
+    .await;
+    assert!(done.is_ok(), "large pipelined requests stalled");
+}

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{ExtentPage, LayerInfo, ReplicaInfo};
+use super::chain::{ExtentPage, LayerInfo, ReplicaInfo};
 use super::wire::{
     self, ExpandRequest, ExtentsRequest, FrameError, NameRequest, Op, RebuildingRequest,
     RequestHeader, ResponseHeader, SnapshotRequest, RESPONSE_HEADER_LEN,

@@ -105,9 +105,10 @@ impl<V: Copy + Eq> RangeMap<V> {
                 }
             }
         }
-        let inside: Vec<u64> = self.map.range(r.start..r.end).map(|(&s, _)| s).collect();
-        for s in inside {
-            let (e, v) = self.map.remove(&s).expect("key just listed");
+        // Entries starting inside r, one at a time: no allocation in the
+        // common case of none or one.
+        while let Some((&s, &(e, v))) = self.map.range(r.start..r.end).next() {
+            self.map.remove(&s);
             if e > r.end {
                 self.map.insert(r.end, (e, v));
             }

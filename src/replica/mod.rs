@@ -10,7 +10,7 @@
 //! - [`meta`]: Longhorn's metadata files, pure encode/decode plus atomic write.
 //! - [`extents`]: the block index (pure, property-tested).
 //! - [`layer`]: one sparse file: positional I/O, hole punching, extent scan.
-//! - [`store`]: [`Replica`], the chain and every operation on it.
+//! - [`chain`]: [`Replica`], the chain of layers and every operation on it.
 //! - [`wire`]: the frame format (pure, property-tested).
 //! - [`server`] / [`client`]: the protocol over TCP.
 
@@ -19,7 +19,7 @@ pub mod extents;
 pub mod layer;
 pub mod meta;
 pub mod server;
-pub mod store;
+pub mod chain;
 pub mod wire;
 
 use std::io;
@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 use crate::error::ErrorKind;
 
-pub use store::{ExtentChecksum, ExtentPage, LayerInfo, Replica, ReplicaInfo};
+pub use chain::{ExtentChecksum, ExtentPage, LayerInfo, Replica, ReplicaInfo};
 
 /// Errors of the replica layer.
 #[derive(Debug, thiserror::Error)]

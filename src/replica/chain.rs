@@ -1,4 +1,4 @@
-//! The replica store: one volume's chain of layer files in one directory.
+//! The replica proper: one volume's chain of layer files in one directory.
 //!
 //! Invariants (checked by `tests/replica_model.rs` against a plain model):
 //! - `State::view` maps every block to the topmost layer of the active chain
@@ -458,17 +458,7 @@ impl Replica {
             };
             write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&snap_meta))?;
             // 2. A new, empty head whose parent is the snapshot.
-            let _ = fs::remove_file(self.dir.join(&new_head));
-            let layer = Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
-            let head_meta = DiskMeta {
-                name: new_head.clone(),
-                parent: snap.clone(),
-                removed: false,
-                user_created: false,
-                created: meta::now_rfc3339(),
-                labels: None,
-            };
-            write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))?;
+            let (layer, head_meta) = create_head(&self.dir, &new_head, &snap, st.meta.size)?;
             Ok((layer, snap_meta, head_meta))
         })();
         let (layer, snap_meta, head_meta) = match prepared {
@@ -596,20 +586,7 @@ impl Replica {
         }
         let old_head = st.meta.head.clone();
         let new_head = meta::head_file_name(st.next_head);
-        let prepared = (|| -> Result<()> {
-            let _ = fs::remove_file(self.dir.join(&new_head));
-            Layer::create(&self.dir.join(&new_head), st.meta.size).map_err(io_err(&new_head))?;
-            let head_meta = DiskMeta {
-                name: new_head.clone(),
-                parent: snap.clone(),
-                removed: false,
-                user_created: false,
-                created: meta::now_rfc3339(),
-                labels: None,
-            };
-            write_meta(&self.dir, &meta_name(&new_head), &meta::encode_disk(&head_meta))
-        })();
-        if let Err(e) = prepared {
+        if let Err(e) = create_head(&self.dir, &new_head, &snap, st.meta.size) {
             let _ = remove_layer_files(&self.dir, &new_head);
             return Err(e);
         }
@@ -1110,6 +1087,25 @@ fn write_meta(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         file: name.into(),
         source,
     })
+}
+
+/// Creates an empty head file `name` of `size` bytes whose parent is
+/// `parent`, and its `.meta`, both durable. Not yet a commit: nothing names it.
+fn create_head(dir: &Path, name: &str, parent: &str, size: u64) -> Result<(Layer, DiskMeta)> {
+    // A file of this name can only be a leftover of an attempt that failed
+    // before its commit.
+    let _ = fs::remove_file(dir.join(name));
+    let layer = Layer::create(&dir.join(name), size).map_err(io_err(name))?;
+    let m = DiskMeta {
+        name: name.to_owned(),
+        parent: parent.to_owned(),
+        removed: false,
+        user_created: false,
+        created: meta::now_rfc3339(),
+        labels: None,
+    };
+    write_meta(dir, &meta_name(name), &meta::encode_disk(&m))?;
+    Ok((layer, m))
 }
 
 /// Deletes a layer file and its `.meta`, then makes the deletion durable.
