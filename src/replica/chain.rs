@@ -283,22 +283,27 @@ impl Replica {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_ok()?;
         let st = self.read_state();
-        let blocks = check_io(offset, buf.len() as u64, st.meta.size)?;
-        let segs = lock(&st.view).segments(blocks.clone());
-        for (r, layer) in segs {
-            let lo = usize::try_from((r.start - blocks.start) * BLOCK_SIZE).expect("fits buf");
-            let hi = usize::try_from((r.end - blocks.start) * BLOCK_SIZE).expect("fits buf");
-            match layer {
-                Some(i) => {
-                    let i = i as usize;
-                    st.chain[i]
-                        .read_at(&mut buf[lo..hi], r.start * BLOCK_SIZE)
-                        .map_err(io_err(&st.names[i]))?;
-                }
-                None => buf[lo..hi].fill(0),
-            }
+        read_in(&st, offset, buf, false).map(|_| ())
+    }
+
+    /// [`read`](Self::read) for callers that must not block (an async
+    /// executor thread): `None` when it would have to wait, for the state
+    /// lock (a snapshot operation under way) or for the disk (data not in the
+    /// page cache); `buf` then holds nothing useful.
+    pub fn try_read(&self, offset: u64, buf: &mut [u8]) -> Option<Result<()>> {
+        if let Err(e) = self.check_ok() {
+            return Some(Err(e));
         }
-        Ok(())
+        let st = match self.state.try_read() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        match read_in(&st, offset, buf, true) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// Writes `data` at `offset` (both 4 KiB-aligned) into the head.
@@ -306,6 +311,25 @@ impl Replica {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_ok()?;
         let st = self.read_state();
+        self.write_in(&st, offset, data)
+    }
+
+    /// [`write`](Self::write) unless a snapshot operation holds the state
+    /// lock, in which case `None` and nothing was written. The write itself
+    /// goes to the page cache and may still wait on dirty-page throttling.
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> Option<Result<()>> {
+        if let Err(e) = self.check_ok() {
+            return Some(Err(e));
+        }
+        let st = match self.state.try_read() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        Some(self.write_in(&st, offset, data))
+    }
+
+    fn write_in(&self, st: &State, offset: u64, data: &[u8]) -> Result<()> {
         let blocks = check_io(offset, data.len() as u64, st.meta.size)?;
         let h = st.chain.len() - 1;
         if let Err(e) = st.chain[h].write_at(data, offset) {
@@ -1040,6 +1064,32 @@ fn check_filesystem(dir: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Resolves `[offset, offset+len)` through the view and reads each segment
+/// from the layer holding it. With `nowait`, returns `Ok(false)` as soon as a
+/// segment is not in the page cache.
+fn read_in(st: &State, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool> {
+    let blocks = check_io(offset, buf.len() as u64, st.meta.size)?;
+    let segs = lock(&st.view).segments(blocks.clone());
+    for (r, layer) in segs {
+        let lo = usize::try_from((r.start - blocks.start) * BLOCK_SIZE).expect("fits buf");
+        let hi = usize::try_from((r.end - blocks.start) * BLOCK_SIZE).expect("fits buf");
+        let Some(i) = layer else {
+            buf[lo..hi].fill(0);
+            continue;
+        };
+        let i = i as usize;
+        let at = r.start * BLOCK_SIZE;
+        if nowait {
+            if !st.chain[i].read_cached(&mut buf[lo..hi], at).map_err(io_err(&st.names[i]))? {
+                return Ok(false);
+            }
+        } else {
+            st.chain[i].read_at(&mut buf[lo..hi], at).map_err(io_err(&st.names[i]))?;
+        }
+    }
+    Ok(true)
 }
 
 fn head_index(h: usize) -> u32 {

@@ -60,6 +60,35 @@ impl Layer {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// Reads all of `buf` at `offset` only if it is in the page cache
+    /// (`preadv2(RWF_NOWAIT)`); `Ok(false)` when the read would wait for the
+    /// disk, or the kernel cannot tell.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = i64::try_from(offset + done as u64).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: `iov` describes `rest`, a live, exclusively borrowed
+            // buffer that outlives the call; the descriptor is owned by
+            // `self.file`, open for the duration of the call.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            let res = if n < 0 { Err(Errno::last()) } else { Ok(n.unsigned_abs()) };
+            match res {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(n) => done += n,
+                // Not cached, or the filesystem does not support the flag.
+                Err(Errno::EAGAIN | Errno::EOPNOTSUPP | Errno::EINVAL) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Writes all of `buf` at `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)

@@ -140,11 +140,17 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
         if let Err(e) = wire::verify_payload(hdr.id, hdr.payload_crc, &payload) {
             break Err(refuse(&tx, e));
         }
-        batch.push(Job {
+        let job = Job {
             hdr,
             payload,
             budget: (permit, mem),
-        });
+        };
+        match run_inline(&replica, job) {
+            Ok(answer) => {
+                let _ = tx.send(answer);
+            }
+            Err(job) => batch.push(job),
+        }
         // Frames that arrived together run as one job on the blocking pool:
         // the hand-off to a pool thread costs more than a cached 4 KiB
         // pwrite, so it is paid once per batch, not once per request.
@@ -179,22 +185,52 @@ fn dispatch(replica: &Arc<Replica>, tx: &mpsc::UnboundedSender<Response>, batch:
     let tx = tx.clone();
     tokio::task::spawn_blocking(move || {
         for job in batch {
-            let id = job.hdr.id;
-            let (status, body) = match execute(&r, job.hdr, job.payload) {
-                Ok(body) if body.len() <= wire::MAX_RESPONSE_BYTES as usize => (None, body),
-                Ok(body) => (
-                    Some(ErrorKind::FailedPrecondition),
-                    format!("answer of {} bytes exceeds the protocol limit", body.len()).into_bytes(),
-                ),
-                Err((kind, msg)) => (Some(kind), msg.into_bytes()),
-            };
-            let _ = tx.send(Response {
-                header: ResponseHeader::new(id, status, &body),
-                payload: body,
-                _budget: Some(job.budget),
-            });
+            let result = execute(&r, job.hdr, job.payload);
+            let _ = tx.send(answer(job.hdr.id, result, job.budget));
         }
     });
+}
+
+/// The fast path: reads served from the page cache and writes into it run
+/// right here on the connection's task, skipping the hand-off to the
+/// blocking pool, which costs more than the I/O itself. Anything that would
+/// wait (a read missing the cache, a snapshot operation holding the chain)
+/// and every other op is handed back for the pool.
+fn run_inline(r: &Replica, job: Job) -> Result<Response, Job> {
+    let h = job.hdr;
+    let result = match h.op {
+        Op::Write => match r.try_write(h.offset, &job.payload) {
+            Some(res) => res.map(|()| Vec::new()),
+            None => return Err(job),
+        },
+        Op::Read => {
+            let Ok(len) = usize::try_from(h.length) else { return Err(job) };
+            let mut buf = vec![0u8; len];
+            match r.try_read(h.offset, &mut buf) {
+                Some(res) => res.map(|()| buf),
+                None => return Err(job),
+            }
+        }
+        _ => return Err(job),
+    };
+    let result = result.map_err(|e| (e.kind(), e.to_string()));
+    Ok(answer(h.id, result, job.budget))
+}
+
+fn answer(id: u64, result: OpResult, budget: (OwnedSemaphorePermit, OwnedSemaphorePermit)) -> Response {
+    let (status, body) = match result {
+        Ok(body) if body.len() <= wire::MAX_RESPONSE_BYTES as usize => (None, body),
+        Ok(body) => (
+            Some(ErrorKind::FailedPrecondition),
+            format!("answer of {} bytes exceeds the protocol limit", body.len()).into_bytes(),
+        ),
+        Err((kind, msg)) => (Some(kind), msg.into_bytes()),
+    };
+    Response {
+        header: ResponseHeader::new(id, status, &body),
+        payload: body,
+        _budget: Some(budget),
+    }
 }
 
 /// Queues the error response for a refused frame and returns the error that
