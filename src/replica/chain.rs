@@ -275,6 +275,15 @@ impl Replica {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, shared, unless a snapshot operation holds it.
+    fn try_read_state(&self) -> Option<std::sync::RwLockReadGuard<'_, State>> {
+        match self.state.try_read() {
+            Ok(st) => Some(st),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        }
+    }
+
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
@@ -294,11 +303,7 @@ impl Replica {
         if let Err(e) = self.check_ok() {
             return Some(Err(e));
         }
-        let st = match self.state.try_read() {
-            Ok(st) => st,
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        };
+        let st = self.try_read_state()?;
         match read_in(&st, offset, buf, true) {
             Ok(true) => Some(Ok(())),
             Ok(false) => None,
@@ -321,11 +326,7 @@ impl Replica {
         if let Err(e) = self.check_ok() {
             return Some(Err(e));
         }
-        let st = match self.state.try_read() {
-            Ok(st) => st,
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-        };
+        let st = self.try_read_state()?;
         Some(self.write_in(&st, offset, data))
     }
 
