@@ -14,6 +14,7 @@
 pub mod controller;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod node;
 pub mod replica;
 pub mod units;

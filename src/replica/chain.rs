@@ -250,6 +250,7 @@ impl Replica {
             backing_file_path: String::new(),
             encrypted: false,
         };
+        crate::failpoint!("create.before-commit");
         // volume.meta last: it is what makes the directory a replica.
         write_meta(dir, meta::VOLUME_META, &meta::encode_volume(&vm))
     }
@@ -342,6 +343,7 @@ impl Replica {
                 source: e,
             });
         }
+        crate::failpoint!("write.data-written");
         lock(&st.view).insert(blocks, head_index(h));
         self.revision.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -388,6 +390,7 @@ impl Replica {
             let h = st.chain.len() - 1;
             st.chain[h].sync().map_err(io_err(&st.names[h]))?;
         }
+        crate::failpoint!("flush.synced");
         self.persist_revision(covered)
     }
 
@@ -469,6 +472,7 @@ impl Replica {
             //    meta. Until step 3 commits, open() treats it as garbage (same
             //    inode as the head).
             fs::hard_link(self.dir.join(&old_head), self.dir.join(&snap)).map_err(io_err(&snap))?;
+            crate::failpoint!("snapshot.linked");
             let parent = st
                 .disks
                 .get(&old_head)
@@ -482,8 +486,10 @@ impl Replica {
                 labels: (!labels.is_empty()).then_some(labels),
             };
             write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&snap_meta))?;
+            crate::failpoint!("snapshot.meta-written");
             // 2. A new, empty head whose parent is the snapshot.
             let (layer, head_meta) = create_head(&self.dir, &new_head, &snap, st.meta.size)?;
+            crate::failpoint!("snapshot.head-created");
             Ok((layer, snap_meta, head_meta))
         })();
         let (layer, snap_meta, head_meta) = match prepared {
@@ -502,6 +508,7 @@ impl Replica {
         vm.head = new_head.clone();
         vm.parent = snap.clone();
         self.commit_volume_meta(&vm)?;
+        crate::failpoint!("snapshot.committed");
 
         // In memory: the head's extents become the snapshot's.
         let mut head_set = ExtentSet::new();
@@ -545,6 +552,7 @@ impl Replica {
         smeta.removed = true;
         write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&smeta))?;
         st.disks.insert(snap.clone(), smeta.clone());
+        crate::failpoint!("remove.marked");
 
         let size = st.meta.size;
         let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
@@ -565,6 +573,7 @@ impl Replica {
             let dst_set = dst.scan_extents(size).map_err(io_err(child))?;
             copy_missing(&src, &src_set, &dst, &dst_set).map_err(io_err(child))?;
             dst.sync().map_err(io_err(child))?;
+            crate::failpoint!("remove.copied");
             // 3. Commit for this child: it now descends from our parent.
             let mut cm = st.disks[child].clone();
             cm.parent = smeta.parent.clone();
@@ -576,11 +585,13 @@ impl Replica {
                 vm.parent = smeta.parent.clone();
                 self.commit_volume_meta(&vm)?;
             }
+            crate::failpoint!("remove.child-committed");
         }
         // 4. Nothing refers to it any more.
         if let Err(e) = remove_layer_files(&self.dir, &snap) {
             tracing::warn!(error = %e, "removed snapshot's files left behind; removed at next open");
         }
+        crate::failpoint!("remove.unlinked");
         self.reload(&mut st)
     }
 
@@ -615,10 +626,12 @@ impl Replica {
             let _ = remove_layer_files(&self.dir, &new_head);
             return Err(e);
         }
+        crate::failpoint!("revert.head-created");
         let mut vm = st.meta.clone();
         vm.head = new_head;
         vm.parent = snap;
         self.commit_volume_meta(&vm)?;
+        crate::failpoint!("revert.committed");
         if let Err(e) = remove_layer_files(&self.dir, &old_head) {
             tracing::warn!(error = %e, "old head left behind; removed at next open");
         }
@@ -647,6 +660,7 @@ impl Replica {
         st.chain[h].sync().map_err(io_err(&st.names[h]))?;
         let mut vm = st.meta.clone();
         vm.size = new_size;
+        crate::failpoint!("expand.resized");
         self.commit_volume_meta(&vm)?;
         st.meta = vm;
         Ok(())

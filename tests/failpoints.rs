@@ -1,0 +1,256 @@
+//! A real `shorthorn replica` process crashes (aborts) at each crash point of
+//! each multi-step operation; reopened, the replica must open, its index must
+//! match its files, and it must show either the state before the operation
+//! or the state after it, never a mix. The abort is checked too, so a point
+//! that is never reached fails its test instead of passing silently.
+//!
+//! Needs the `failpoints` feature (`scripts/test` enables it).
+
+#![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shorthorn::replica::client::Client;
+use shorthorn::replica::Replica;
+
+const BLOCKS: u64 = 64;
+const SIZE: u64 = BLOCKS * 4096;
+
+fn content(block: u64, tag: u8) -> Vec<u8> {
+    let mut b = vec![tag; 4096];
+    b[..8].copy_from_slice(&block.to_le_bytes());
+    b
+}
+
+/// The volume as a list of (block, tag) for blocks holding data.
+type View = Vec<Option<u8>>;
+
+fn view_of(r: &Replica, size: u64) -> View {
+    let mut buf = vec![0u8; size as usize];
+    r.read(0, &mut buf).unwrap();
+    buf.chunks(4096)
+        .enumerate()
+        .map(|(i, b)| {
+            if b.iter().all(|&x| x == 0) {
+                None
+            } else {
+                assert_eq!(&b[..8], &(i as u64).to_le_bytes(), "block {i} holds another block's data");
+                assert!(b[8..].iter().all(|&x| x == b[8]), "block {i} is torn");
+                Some(b[8])
+            }
+        })
+        .collect()
+}
+
+/// Base snapshot: blocks 0 and 1 (tag 1). Head on top: block 0 and 2 (tag 2).
+fn setup(dir: &Path) -> (View, View) {
+    let r = Replica::open(dir, Some(SIZE)).unwrap();
+    r.write(0, &content(0, 1)).unwrap();
+    r.write(4096, &content(1, 1)).unwrap();
+    let base = view_of(&r, SIZE);
+    r.snapshot("base", true, BTreeMap::new()).unwrap();
+    r.write(0, &content(0, 2)).unwrap();
+    r.write(8192, &content(2, 2)).unwrap();
+    let head = view_of(&r, SIZE);
+    r.close().unwrap();
+    (base, head)
+}
+
+fn free_addr() -> String {
+    let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    format!("127.0.0.1:{p}")
+}
+
+/// Starts the replica with `point` armed, runs `op` against it, and checks
+/// the process died by SIGABRT at the point.
+fn crash_during<F>(dir: &Path, point: &str, size: Option<u64>, op: F)
+where
+    F: FnOnce(Client) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+{
+    let addr = free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
+    cmd.args(["replica", "--listen", &addr, "--dir"]).arg(dir);
+    if let Some(s) = size {
+        cmd.args(["--size", &s.to_string()]);
+    }
+    let mut child = cmd
+        .env("SHORTHORN_FAILPOINT", point)
+        .env("SHORTHORN_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return; // died before listening (the create point)
+            }
+            match Client::connect_with_timeout(&addr, Duration::from_secs(10)).await {
+                Ok(c) => return op(c).await,
+                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("replica never came up: {e}"),
+            }
+        }
+    });
+    let status = child.wait().unwrap();
+    if status.signal() != Some(libc::SIGABRT) {
+        let _ = child.kill();
+        panic!("failpoint {point} was not hit (exit {status})");
+    }
+}
+
+fn reopen(dir: &Path) -> Replica {
+    let r = Replica::open(dir, None).expect("the replica opens after the crash");
+    r.check_index().expect("index matches the files");
+    r
+}
+
+fn snapshot_names(r: &Replica) -> Vec<(String, bool)> {
+    r.list().unwrap().into_iter().filter(|l| !l.head).map(|l| (l.name, l.removed)).collect()
+}
+
+fn check_snapshot_point(point: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let (_base, head) = setup(d.path());
+    crash_during(d.path(), point, None, |c| {
+        Box::pin(async move {
+            assert!(c.snapshot("s2", BTreeMap::new()).await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    assert_eq!(view_of(&r, SIZE), head, "{point}: the head still shows its data");
+    let snaps = snapshot_names(&r);
+    assert!(snaps.contains(&("base".into(), false)), "{point}: {snaps:?}");
+    if snaps.iter().any(|(n, _)| n == "s2") {
+        // Committed: the new snapshot shows what the head showed.
+        r.write(0, &content(0, 7)).unwrap();
+        r.revert("s2").unwrap();
+        assert_eq!(view_of(&r, SIZE), head, "{point}: s2 shows the head at snapshot time");
+    } else {
+        // Not committed: taking it again works.
+        r.snapshot("s2", true, BTreeMap::new()).unwrap();
+    }
+    r.check_index().unwrap();
+}
+
+fn check_remove_point(point: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let (_base, head) = setup(d.path());
+    crash_during(d.path(), point, None, |c| {
+        Box::pin(async move {
+            assert!(c.remove_snapshot("base").await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    assert_eq!(view_of(&r, SIZE), head, "{point}: removal never changes what the head shows");
+    if !snapshot_names(&r).is_empty() {
+        // Cut short: removing it again finishes the job.
+        r.remove_snapshot("base").unwrap();
+    }
+    assert!(snapshot_names(&r).is_empty());
+    assert_eq!(view_of(&r, SIZE), head);
+    r.check_index().unwrap();
+}
+
+fn check_revert_point(point: &str) {
+    let d = tempfile::tempdir().unwrap();
+    let (base, head) = setup(d.path());
+    crash_during(d.path(), point, None, |c| {
+        Box::pin(async move {
+            assert!(c.revert("base").await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    let v = view_of(&r, SIZE);
+    assert!(v == head || v == base, "{point}: neither before nor after: {v:?}");
+    assert_eq!(snapshot_names(&r), vec![("base".to_string(), false)]);
+}
+
+#[test]
+fn crash_points_in_snapshot() {
+    for p in ["snapshot.linked", "snapshot.meta-written", "snapshot.head-created", "snapshot.committed"] {
+        check_snapshot_point(p);
+    }
+}
+
+#[test]
+fn crash_points_in_remove_snapshot() {
+    for p in ["remove.marked", "remove.copied", "remove.child-committed", "remove.unlinked"] {
+        check_remove_point(p);
+    }
+}
+
+#[test]
+fn crash_points_in_revert() {
+    for p in ["revert.head-created", "revert.committed"] {
+        check_revert_point(p);
+    }
+}
+
+#[test]
+fn crash_point_in_expand() {
+    let d = tempfile::tempdir().unwrap();
+    let (_base, head) = setup(d.path());
+    crash_during(d.path(), "expand.resized", None, |c| {
+        Box::pin(async move {
+            assert!(c.expand(SIZE * 2).await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    assert!(r.size() == SIZE || r.size() == SIZE * 2);
+    let v = view_of(&r, r.size());
+    assert_eq!(v[..BLOCKS as usize], head[..]);
+    assert!(v[BLOCKS as usize..].iter().all(Option::is_none));
+    r.expand(SIZE * 2).unwrap();
+    r.check_index().unwrap();
+}
+
+#[test]
+fn crash_point_between_data_and_index() {
+    let d = tempfile::tempdir().unwrap();
+    let (_base, head) = setup(d.path());
+    crash_during(d.path(), "write.data-written", None, |c| {
+        Box::pin(async move {
+            assert!(c.write(3 * 4096, Bytes::from(content(3, 9))).await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    let v = view_of(&r, SIZE);
+    assert!(v[3].is_none() || v[3] == Some(9), "unacknowledged write is old or new");
+    let mut rest = v.clone();
+    rest[3] = None;
+    assert_eq!(rest, head);
+}
+
+#[test]
+fn crash_point_in_flush_keeps_acknowledged_writes() {
+    let d = tempfile::tempdir().unwrap();
+    let (_base, mut head) = setup(d.path());
+    crash_during(d.path(), "flush.synced", None, |c| {
+        Box::pin(async move {
+            c.write(3 * 4096, Bytes::from(content(3, 9))).await.unwrap();
+            assert!(c.flush().await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    head[3] = Some(9);
+    assert_eq!(view_of(&r, SIZE), head);
+}
+
+#[test]
+fn crash_point_in_create() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("new");
+    crash_during(&dir, "create.before-commit", Some(SIZE), |_| Box::pin(async {}));
+    assert!(Replica::open(&dir, None).is_err(), "no volume.meta: not a replica yet");
+    let r = Replica::open(&dir, Some(SIZE)).expect("creation after the crash succeeds");
+    assert!(view_of(&r, SIZE).iter().all(Option::is_none));
+    r.check_index().unwrap();
+}
