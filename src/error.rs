@@ -33,6 +33,21 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The process exit status the CLI reports for this kind (documented in
+    /// the README); 1 is left for errors without a kind.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::InvalidArgument => 2,
+            Self::NotFound => 3,
+            Self::AlreadyExists => 4,
+            Self::Unavailable => 5,
+            Self::OutOfRange => 6,
+            Self::Corrupt => 7,
+            Self::Io => 8,
+            Self::FailedPrecondition => 9,
+        }
+    }
+
     /// Decodes a kind from its wire value.
     pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {

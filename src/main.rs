@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
-use shorthorn::replica::{self, client::Client, Replica};
+use shorthorn::error::ErrorKind;
+use shorthorn::replica::client::{Client, ClientError};
+use shorthorn::replica::{self, Replica};
 use shorthorn::units::parse_size;
 
 #[derive(Parser, Debug)]
@@ -158,8 +160,43 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("shorthorn: {}", describe(&e));
+            std::process::ExitCode::from(kind_of(&e).map_or(1, ErrorKind::exit_code))
+        }
+    }
+}
+
+/// The error and its causes on one line. Layer errors already name their
+/// cause in their message, so a cause whose text is already there is skipped.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// The kind of the first layer error found in the chain, if any.
+fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<ClientError>()
+            .map(ClientError::kind)
+            .or_else(|| c.downcast_ref::<replica::Error>().map(replica::Error::kind))
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
     shorthorn::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
