@@ -5,37 +5,14 @@
 
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use shorthorn::replica::Replica;
 
-const BLOCK: usize = 4096;
-const BLOCKS: u64 = 48;
-const SIZE: u64 = BLOCKS * BLOCK as u64;
+mod common;
 
-/// What one block holds in the model: zeros, or the content of write `tag`.
-type Model = HashMap<u64, u32>;
-
-/// The bytes a write with `tag` puts in `block`: unique per (block, tag) so a
-/// misplaced or stale block cannot pass for the right one.
-fn content(block: u64, tag: u32) -> Vec<u8> {
-    let mut b = vec![(tag % 251) as u8 + 1; BLOCK];
-    b[..8].copy_from_slice(&block.to_le_bytes());
-    b[8..12].copy_from_slice(&tag.to_le_bytes());
-    b
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Write { block: u64, count: u64 },
-    Unmap { block: u64, count: u64 },
-    Snapshot,
-    Remove(usize),
-    Revert(usize),
-    Reopen,
-    Flush,
-}
+use common::{content, run_in, Op, BLOCK, BLOCKS, SIZE};
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -49,93 +26,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check(r: &Replica, model: &Model) {
-    let mut buf = vec![0u8; SIZE as usize];
-    r.read(0, &mut buf).expect("read");
-    for b in 0..BLOCKS {
-        let got = &buf[b as usize * BLOCK..(b as usize + 1) * BLOCK];
-        match model.get(&b) {
-            Some(&tag) => assert!(got == content(b, tag).as_slice(), "block {b}: expected write {tag}"),
-            None => assert!(got.iter().all(|&x| x == 0), "block {b}: expected zeros"),
-        }
-    }
-    // A single-block read of each block agrees with the full read.
-    for b in [0, BLOCKS / 2, BLOCKS - 1] {
-        let mut one = vec![0u8; BLOCK];
-        r.read(b * BLOCK as u64, &mut one).expect("read one");
-        assert_eq!(one, buf[b as usize * BLOCK..(b as usize + 1) * BLOCK]);
-    }
-    r.check_index().expect("index matches the files");
-}
-
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("replica");
-    let mut r = Replica::open(&path, Some(SIZE)).expect("create");
-    let mut model = Model::new();
-    let mut snaps: BTreeMap<String, Model> = BTreeMap::new();
-    let mut tag = 0u32;
-    let mut nsnap = 0u32;
-    for op in ops {
-        match op {
-            Op::Write { block, count } => {
-                let mut data = Vec::with_capacity(count as usize * BLOCK);
-                for b in block..block + count {
-                    tag += 1;
-                    data.extend(content(b, tag));
-                    model.insert(b, tag);
-                }
-                r.write(block * BLOCK as u64, &data).expect("write");
-            }
-            Op::Unmap { block, count } => {
-                r.unmap(block * BLOCK as u64, count * BLOCK as u64).expect("unmap");
-                for b in block..block + count {
-                    model.remove(&b);
-                }
-            }
-            Op::Snapshot => {
-                nsnap += 1;
-                let name = format!("s{nsnap}");
-                r.snapshot(&name, true, BTreeMap::new()).expect("snapshot");
-                snaps.insert(name, model.clone());
-            }
-            Op::Remove(i) => {
-                let Some(name) = snaps.keys().nth(i % snaps.len().max(1)).cloned() else { continue };
-                r.remove_snapshot(&name).expect("remove");
-                snaps.remove(&name);
-            }
-            Op::Revert(i) => {
-                let Some((name, m)) = snaps.iter().nth(i % snaps.len().max(1)) else { continue };
-                r.revert(name).expect("revert");
-                model = m.clone();
-            }
-            Op::Reopen => {
-                r.close().expect("close");
-                drop(r);
-                r = Replica::open(&path, Some(SIZE)).expect("reopen");
-            }
-            Op::Flush => r.flush().expect("flush"),
-        }
-        check(&r, &model);
-    }
-    // Every snapshot still present shows exactly what it showed when taken,
-    // whatever was removed or reverted in between.
-    for (name, m) in &snaps {
-        r.revert(name).expect("revert to check");
-        check(&r, m);
-    }
-    let listed: Vec<String> = r
-        .list()
-        .expect("list")
-        .into_iter()
-        .filter(|l| !l.head)
-        .map(|l| l.name)
-        .collect();
-    let mut want: Vec<String> = snaps.keys().cloned().collect();
-    let mut got = listed;
-    want.sort();
-    got.sort();
-    assert_eq!(got, want, "listed snapshots");
+    run_in(dir.path(), ops);
 }
 
 proptest! {
