@@ -252,7 +252,8 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
-        let _proc = ReplicaProc::start(&o.shorthorn, &s.0.join("r"), &addr)?;
+        let proc_ = ReplicaProc::start(&o.shorthorn, &s.0.join("r"), &addr)?;
+        let pid = proc_.0.id();
         let conns = rt.block_on(async {
             let mut conns = Vec::new();
             for _ in 0..CONNECTIONS {
@@ -264,6 +265,7 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
         // reported, so a burst of noise on this shared machine hits both.
         let f = open("file.img")?;
         let (mut fw, mut rw, mut fr, mut rr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut cpu_per_write = Vec::new();
         // Each write repetition goes to a fresh, never-written region, so
         // every one measures the same thing: writes into a sparse volume.
         for i in 0..reps {
@@ -273,8 +275,11 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
             settle(&f, &rt, &conns[0])?;
             fw.push(file_random(&f, base, region, rand_ops, true)?);
             settle(&f, &rt, &conns[0])?;
+            let cpu0 = cpu_seconds(pid)?;
             rw.push(rt.block_on(net_random(&conns, base, region, rand_ops, true))?);
+            cpu_per_write.push((cpu_seconds(pid)? - cpu0) * 1e6 / rand_ops as f64);
         }
+        rep.add("replica_cpu_us_per_randwrite_4k", median(cpu_per_write), "us");
         fill(&f, region)?;
         rt.block_on(net_fill(&conns[0], region))?;
         for _ in 0..reps {
@@ -330,6 +335,19 @@ impl Aligned {
     fn buf(&mut self) -> &mut [u8] {
         &mut self.0[self.1..]
     }
+}
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
 }
 
 /// Writes back everything dirty on both sides (untimed).
