@@ -1,9 +1,85 @@
-//! `engine` will own one attached volume: it mirrors every write, unmap and
+//! `engine` owns one attached volume: it mirrors every write, unmap and
 //! flush to all read-write replicas through [`crate::replica::client`], reads
-//! from one healthy replica, drops failed replicas and rebuilds them online
-//! (issue 3).
+//! from one healthy replica, and drops replicas that fail (issue 3; rebuild,
+//! snapshots and the control API are still to come, see [`volume`]).
 //!
 //! It may use `crate::replica` (the client and the wire types) and nothing
 //! above it: not `crate::frontend`, `crate::controller` or `crate::node`
 //! (enforced by `tests/layering.rs`). Frontends call into the engine, never
 //! the other way round.
+
+pub mod volume;
+
+use crate::error::ErrorKind;
+use crate::replica::client::ClientError;
+
+pub use volume::{Health, Mode, Volume, VolumeStatus};
+
+/// Errors of the engine layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A volume needs at least one replica.
+    #[error("a volume needs at least one replica")]
+    NoReplicas,
+    /// Talking to a replica failed while opening the volume.
+    #[error("replica {addr}: {source}")]
+    Replica {
+        /// The replica.
+        addr: String,
+        /// Cause.
+        source: ClientError,
+    },
+    /// A replica holds a volume of another size.
+    #[error("replica {addr} has size {replica} but the volume is {volume} bytes")]
+    SizeMismatch {
+        /// The replica.
+        addr: String,
+        /// Its size.
+        replica: u64,
+        /// The volume's size.
+        volume: u64,
+    },
+    /// The request is not 4 KiB-aligned or is empty.
+    #[error("request offset {offset} length {len} must be non-empty multiples of 4096 bytes")]
+    Misaligned {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+    },
+    /// The request reaches past the end of the volume.
+    #[error("request offset {offset} length {len} reaches past the volume size {size}")]
+    OutOfRange {
+        /// Byte offset.
+        offset: u64,
+        /// Byte length.
+        len: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// The replicas refused the request itself.
+    #[error("replicas refused the request: {message}")]
+    Refused {
+        /// Their error kind.
+        kind: ErrorKind,
+        /// Their message.
+        message: String,
+    },
+    /// No replica is left to serve.
+    #[error("volume is faulted: no replica left")]
+    Faulted,
+}
+
+impl Error {
+    /// The kind a boundary maps this error to.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NoReplicas | Self::Misaligned { .. } => ErrorKind::InvalidArgument,
+            Self::Replica { source, .. } => source.kind(),
+            Self::SizeMismatch { .. } => ErrorKind::FailedPrecondition,
+            Self::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Self::Refused { kind, .. } => *kind,
+            Self::Faulted => ErrorKind::Unavailable,
+        }
+    }
+}
