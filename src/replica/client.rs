@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -97,7 +97,8 @@ struct Outgoing {
 
 #[derive(Default)]
 struct Pending {
-    waiting: HashMap<u64, oneshot::Sender<Reply>>,
+    /// Calls awaiting their answer, with when they were sent.
+    waiting: HashMap<u64, (Instant, oneshot::Sender<Reply>)>,
     closed: bool,
 }
 
@@ -146,14 +147,16 @@ impl Client {
         let p = Arc::clone(&pending);
         let reader = tokio::spawn(async move {
             let _ = read_responses(BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd), &p).await;
-            fail_all(&p);
+            fail_all(&p, || ClientError::Disconnected);
         });
+        let tasks = Arc::new([writer.abort_handle(), reader.abort_handle()]);
+        tokio::spawn(watchdog(Arc::clone(&pending), Arc::clone(&tasks), timeout));
         Ok(Self {
             tx,
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
             timeout,
-            tasks: Arc::new([writer.abort_handle(), reader.abort_handle()]),
+            tasks,
         })
     }
 
@@ -162,7 +165,12 @@ impl Client {
         for t in self.tasks.iter() {
             t.abort();
         }
-        fail_all(&self.pending);
+        fail_all(&self.pending, || ClientError::Disconnected);
+    }
+
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     async fn call(&self, op: Op, offset: u64, length: u64, payload: Bytes) -> Reply {
@@ -174,21 +182,15 @@ impl Client {
             if g.closed {
                 return Err(ClientError::Disconnected);
             }
-            g.waiting.insert(id, otx);
+            g.waiting.insert(id, (Instant::now(), otx));
         }
         if self.tx.send(Outgoing { header, payload }).is_err() {
             lock(&self.pending).waiting.remove(&id);
             return Err(ClientError::Disconnected);
         }
-        match tokio::time::timeout(self.timeout, orx).await {
-            Ok(reply) => reply.unwrap_or(Err(ClientError::Disconnected)),
-            Err(_) => {
-                // A replica that does not answer in time is treated as gone:
-                // tear the connection down so no other call waits on it either.
-                self.shutdown();
-                Err(ClientError::Timeout(self.timeout))
-            }
-        }
+        // No timer per call: the connection's watchdog fails every waiting
+        // call once the oldest has waited longer than the timeout.
+        orx.await.unwrap_or(Err(ClientError::Disconnected))
     }
 
     fn check_io_len(len: u64) -> Result<(), ClientError> {
@@ -293,11 +295,35 @@ impl Client {
     }
 }
 
-fn fail_all(p: &Mutex<Pending>) {
+fn fail_all(p: &Mutex<Pending>, err: impl Fn() -> ClientError) {
     let mut g = lock(p);
     g.closed = true;
-    for (_, w) in g.waiting.drain() {
-        let _ = w.send(Err(ClientError::Disconnected));
+    for (_, (_, w)) in g.waiting.drain() {
+        let _ = w.send(Err(err()));
+    }
+}
+
+/// Tears the connection down when a call has waited longer than `timeout`:
+/// a replica that does not answer in time is treated as gone, so no other
+/// call waits on it either. Checks a few times per timeout period.
+async fn watchdog(p: Arc<Mutex<Pending>>, tasks: Arc<[tokio::task::AbortHandle; 2]>, timeout: Duration) {
+    let period = (timeout / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(period).await;
+        let expired = {
+            let g = lock(&p);
+            if g.closed {
+                return;
+            }
+            g.waiting.values().any(|(sent, _)| sent.elapsed() > timeout)
+        };
+        if expired {
+            for t in tasks.iter() {
+                t.abort();
+            }
+            fail_all(&p, || ClientError::Timeout(timeout));
+            return;
+        }
     }
 }
 
@@ -352,7 +378,7 @@ async fn read_responses(
             }),
         };
         let waiter = lock(pending).waiting.remove(&h.id);
-        if let Some(w) = waiter {
+        if let Some((_, w)) = waiter {
             let _ = w.send(reply);
         } else if h.id != 0 {
             return Err(ClientError::Decode(format!("answer to unknown request {}", h.id)));
