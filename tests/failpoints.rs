@@ -78,13 +78,17 @@ where
     if let Some(s) = size {
         cmd.args(["--size", &s.to_string()]);
     }
-    let mut child = cmd
+    let child = cmd
         .env("SHORTHORN_FAILPOINT", point)
         .env("SHORTHORN_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Killed if this test fails before the process died on its own, so no
+    // replica outlives a failing test.
+    let mut guard = KillOnDrop(child);
+    let child = &mut guard.0;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -100,9 +104,15 @@ where
         }
     });
     let status = child.wait().unwrap();
-    if status.signal() != Some(libc::SIGABRT) {
-        let _ = child.kill();
-        panic!("failpoint {point} was not hit (exit {status})");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "failpoint {point} was not hit (exit {status})");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
