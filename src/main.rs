@@ -14,10 +14,20 @@ use shorthorn::replica::{self, Replica};
 use shorthorn::units::parse_size;
 
 #[derive(Parser, Debug)]
-#[command(name = "shorthorn", version, about = "Replicated block storage for Kubernetes")]
+#[command(
+    name = "shorthorn",
+    version,
+    about = "Replicated block storage for Kubernetes"
+)]
 struct Cli {
     /// Log line format.
-    #[arg(long, value_enum, default_value = "compact", env = "SHORTHORN_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "compact",
+        env = "SHORTHORN_LOG_FORMAT",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     mode: Mode,
@@ -243,7 +253,11 @@ async fn run_ctl(a: ReplicaCtlArgs) -> Result<()> {
     match a.cmd {
         CtlCmd::Info => writeln!(out, "{}", serde_json::to_string_pretty(&c.info().await?)?)?,
         CtlCmd::List => writeln!(out, "{}", serde_json::to_string_pretty(&c.list().await?)?)?,
-        CtlCmd::Write { offset, len, pattern } => {
+        CtlCmd::Write {
+            offset,
+            len,
+            pattern,
+        } => {
             let data = match (pattern, len) {
                 (Some(p), Some(l)) => vec![p; usize::try_from(l)?],
                 (Some(_), None) => bail!("--pattern needs --len"),
@@ -255,7 +269,8 @@ async fn run_ctl(a: ReplicaCtlArgs) -> Result<()> {
             };
             let max = usize::try_from(replica::wire::MAX_IO_BYTES)?;
             for (i, chunk) in data.chunks(max).enumerate() {
-                c.write(offset + (i * max) as u64, Bytes::copy_from_slice(chunk)).await?;
+                c.write(offset + (i * max) as u64, Bytes::copy_from_slice(chunk))
+                    .await?;
             }
             c.flush().await?;
         }
@@ -271,7 +286,8 @@ async fn run_ctl(a: ReplicaCtlArgs) -> Result<()> {
         CtlCmd::Unmap { offset, len } => c.unmap(offset, len).await?,
         CtlCmd::Flush => c.flush().await?,
         CtlCmd::Snapshot { name, labels } => {
-            c.snapshot(&name, labels.into_iter().collect::<BTreeMap<_, _>>()).await?
+            c.snapshot(&name, labels.into_iter().collect::<BTreeMap<_, _>>())
+                .await?
         }
         CtlCmd::RemoveSnapshot { name } => c.remove_snapshot(&name).await?,
         CtlCmd::Revert { name } => c.revert(&name).await?,

@@ -13,7 +13,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, suffix) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!("size {s:?} does not start with a number; use e.g. 512Mi, 1Gi, 1Ti"));
+        return Err(format!(
+            "size {s:?} does not start with a number; use e.g. 512Mi, 1Gi, 1Ti"
+        ));
     }
     let n: u64 = digits
         .parse()

@@ -8,14 +8,28 @@ fn shorthorn(args: &[&str]) -> (i32, String) {
         .env("SHORTHORN_LOG", "off")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn a_bad_size_is_refused_with_what_to_write_instead() {
-    let (code, err) = shorthorn(&["replica", "--dir", "/nonexistent", "--listen", "127.0.0.1:0", "--size", "1Gb"]);
+    let (code, err) = shorthorn(&[
+        "replica",
+        "--dir",
+        "/nonexistent",
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "1Gb",
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("unknown suffix") && err.contains("Gi"), "{err}");
+    assert!(
+        err.contains("unknown suffix") && err.contains("Gi"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -32,13 +46,20 @@ fn an_unreachable_replica_is_unavailable() {
     // Port 1 on loopback: nothing listens there.
     let (code, err) = shorthorn(&["replica-ctl", "--addr", "127.0.0.1:1", "info"]);
     assert_eq!(code, 5, "{err}");
-    assert!(err.starts_with("shorthorn: connecting to replica 127.0.0.1:1"), "{err}");
+    assert!(
+        err.starts_with("shorthorn: connecting to replica 127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_misaligned_write_is_an_invalid_argument() {
     let d = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
         .args(["replica", "--size", "1Mi", "--listen", &addr, "--dir"])
@@ -48,7 +69,18 @@ fn a_misaligned_write_is_an_invalid_argument() {
         .unwrap();
     let mut result = None;
     for _ in 0..200 {
-        let (code, err) = shorthorn(&["replica-ctl", "--addr", &addr, "write", "--offset", "1000", "--len", "4Ki", "--pattern", "1"]);
+        let (code, err) = shorthorn(&[
+            "replica-ctl",
+            "--addr",
+            &addr,
+            "write",
+            "--offset",
+            "1000",
+            "--len",
+            "4Ki",
+            "--pattern",
+            "1",
+        ]);
         if code != 5 {
             result = Some((code, err));
             break;

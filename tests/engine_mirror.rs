@@ -37,14 +37,28 @@ impl Drop for Proc {
 }
 
 fn signal(c: &Child, s: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap()), s);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap()),
+        s,
+    );
 }
 
 fn start_replica(dir: &Path) -> (Proc, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-        .args(["replica", "--size", &SIZE.to_string(), "--listen", &addr, "--dir"])
+        .args([
+            "replica",
+            "--size",
+            &SIZE.to_string(),
+            "--listen",
+            &addr,
+            "--dir",
+        ])
         .arg(dir)
         .env("SHORTHORN_LOG", "warn")
         .stdout(Stdio::null())
@@ -61,7 +75,13 @@ fn start_replica(dir: &Path) -> (Proc, String) {
 /// Writes `count` random single blocks from 8 tasks, never two at once to
 /// the same block, recording acknowledged ones; calls `midway` once half
 /// are done.
-async fn workload(v: &Arc<Volume>, model: &Arc<Mutex<HashMap<u64, u32>>>, count: u32, tag0: u32, midway: impl FnOnce()) {
+async fn workload(
+    v: &Arc<Volume>,
+    model: &Arc<Mutex<HashMap<u64, u32>>>,
+    count: u32,
+    tag0: u32,
+    midway: impl FnOnce(),
+) {
     let mut midway = Some(midway);
     let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(tag0);
     let mut done = 0;
@@ -80,7 +100,9 @@ async fn workload(v: &Arc<Volume>, model: &Arc<Mutex<HashMap<u64, u32>>>, count:
             let tag = tag0 + done;
             let (v, m) = (Arc::clone(v), Arc::clone(model));
             tasks.push(tokio::spawn(async move {
-                v.write(b * 4096, Bytes::from(content(b, tag))).await.expect("a degraded volume still takes writes");
+                v.write(b * 4096, Bytes::from(content(b, tag)))
+                    .await
+                    .expect("a degraded volume still takes writes");
                 m.lock().unwrap().insert(b, tag);
             }));
         }
@@ -107,7 +129,10 @@ async fn verify(v: &Volume, model: &HashMap<u64, u32>) {
     for b in 0..BLOCKS {
         let got = &all[(b * 4096) as usize..((b + 1) * 4096) as usize];
         match model.get(&b) {
-            Some(&t) => assert!(got == content(b, t).as_slice(), "block {b}: acknowledged write {t} lost"),
+            Some(&t) => assert!(
+                got == content(b, t).as_slice(),
+                "block {b}: acknowledged write {t} lost"
+            ),
             None => assert!(got.iter().all(|&x| x == 0), "block {b} should be zeros"),
         }
     }
@@ -178,11 +203,18 @@ async fn a_hung_replica_is_dropped_within_the_timeout() {
     }
     // Long enough that a healthy replica on a loaded CI machine never trips it.
     let timeout = Duration::from_secs(2);
-    let v = Arc::new(Volume::open_with_timeout("vol", SIZE, &addrs, timeout).await.unwrap());
+    let v = Arc::new(
+        Volume::open_with_timeout("vol", SIZE, &addrs, timeout)
+            .await
+            .unwrap(),
+    );
     let model = Arc::new(Mutex::new(HashMap::new()));
     let hung = &procs[0].0;
     let started = Instant::now();
-    workload(&v, &model, 800, 0, || signal(hung, nix::sys::signal::Signal::SIGSTOP)).await;
+    workload(&v, &model, 800, 0, || {
+        signal(hung, nix::sys::signal::Signal::SIGSTOP)
+    })
+    .await;
     // The whole run took at most a few timeouts longer than it would have.
     assert!(started.elapsed() < Duration::from_secs(20));
     let st = v.status();
@@ -196,7 +228,9 @@ async fn a_hung_replica_is_dropped_within_the_timeout() {
 async fn bad_requests_fail_without_failing_replicas() {
     let root = tempfile::tempdir().unwrap();
     let (_p, a) = start_replica(&root.path().join("r"));
-    let v = Volume::open("vol", SIZE, std::slice::from_ref(&a)).await.unwrap();
+    let v = Volume::open("vol", SIZE, std::slice::from_ref(&a))
+        .await
+        .unwrap();
     assert!(v.write(100, Bytes::from(vec![0; 4096])).await.is_err());
     assert!(v.write(SIZE, Bytes::from(vec![0; 4096])).await.is_err());
     assert!(v.read(0, 0).await.is_err());

@@ -39,7 +39,11 @@ fn view_of(r: &Replica, size: u64) -> View {
             if b.iter().all(|&x| x == 0) {
                 None
             } else {
-                assert_eq!(&b[..8], &(i as u64).to_le_bytes(), "block {i} holds another block's data");
+                assert_eq!(
+                    &b[..8],
+                    &(i as u64).to_le_bytes(),
+                    "block {i} holds another block's data"
+                );
                 assert!(b[8..].iter().all(|&x| x == b[8]), "block {i} is torn");
                 Some(b[8])
             }
@@ -62,7 +66,11 @@ fn setup(dir: &Path) -> (View, View) {
 }
 
 fn free_addr() -> String {
-    let p = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let p = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     format!("127.0.0.1:{p}")
 }
 
@@ -89,7 +97,10 @@ where
     // replica outlives a failing test.
     let mut guard = KillOnDrop(child);
     let child = &mut guard.0;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -98,13 +109,19 @@ where
             }
             match Client::connect_with_timeout(&addr, Duration::from_secs(10)).await {
                 Ok(c) => return op(c).await,
-                Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
                 Err(e) => panic!("replica never came up: {e}"),
             }
         }
     });
     let status = child.wait().unwrap();
-    assert_eq!(status.signal(), Some(libc::SIGABRT), "failpoint {point} was not hit (exit {status})");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "failpoint {point} was not hit (exit {status})"
+    );
 }
 
 struct KillOnDrop(std::process::Child);
@@ -123,7 +140,12 @@ fn reopen(dir: &Path) -> Replica {
 }
 
 fn snapshot_names(r: &Replica) -> Vec<(String, bool)> {
-    r.list().unwrap().into_iter().filter(|l| !l.head).map(|l| (l.name, l.removed)).collect()
+    r.list()
+        .unwrap()
+        .into_iter()
+        .filter(|l| !l.head)
+        .map(|l| (l.name, l.removed))
+        .collect()
 }
 
 fn check_snapshot_point(point: &str) {
@@ -135,14 +157,25 @@ fn check_snapshot_point(point: &str) {
         })
     });
     let r = reopen(d.path());
-    assert_eq!(view_of(&r, SIZE), head, "{point}: the head still shows its data");
+    assert_eq!(
+        view_of(&r, SIZE),
+        head,
+        "{point}: the head still shows its data"
+    );
     let snaps = snapshot_names(&r);
-    assert!(snaps.contains(&("base".into(), false)), "{point}: {snaps:?}");
+    assert!(
+        snaps.contains(&("base".into(), false)),
+        "{point}: {snaps:?}"
+    );
     if snaps.iter().any(|(n, _)| n == "s2") {
         // Committed: the new snapshot shows what the head showed.
         r.write(0, &content(0, 7)).unwrap();
         r.revert("s2").unwrap();
-        assert_eq!(view_of(&r, SIZE), head, "{point}: s2 shows the head at snapshot time");
+        assert_eq!(
+            view_of(&r, SIZE),
+            head,
+            "{point}: s2 shows the head at snapshot time"
+        );
     } else {
         // Not committed: taking it again works.
         r.snapshot("s2", true, BTreeMap::new()).unwrap();
@@ -159,7 +192,11 @@ fn check_remove_point(point: &str) {
         })
     });
     let r = reopen(d.path());
-    assert_eq!(view_of(&r, SIZE), head, "{point}: removal never changes what the head shows");
+    assert_eq!(
+        view_of(&r, SIZE),
+        head,
+        "{point}: removal never changes what the head shows"
+    );
     if !snapshot_names(&r).is_empty() {
         // Cut short: removing it again finishes the job.
         r.remove_snapshot("base").unwrap();
@@ -179,20 +216,33 @@ fn check_revert_point(point: &str) {
     });
     let r = reopen(d.path());
     let v = view_of(&r, SIZE);
-    assert!(v == head || v == base, "{point}: neither before nor after: {v:?}");
+    assert!(
+        v == head || v == base,
+        "{point}: neither before nor after: {v:?}"
+    );
     assert_eq!(snapshot_names(&r), vec![("base".to_string(), false)]);
 }
 
 #[test]
 fn crash_points_in_snapshot() {
-    for p in ["snapshot.linked", "snapshot.meta-written", "snapshot.head-created", "snapshot.committed"] {
+    for p in [
+        "snapshot.linked",
+        "snapshot.meta-written",
+        "snapshot.head-created",
+        "snapshot.committed",
+    ] {
         check_snapshot_point(p);
     }
 }
 
 #[test]
 fn crash_points_in_remove_snapshot() {
-    for p in ["remove.marked", "remove.copied", "remove.child-committed", "remove.unlinked"] {
+    for p in [
+        "remove.marked",
+        "remove.copied",
+        "remove.child-committed",
+        "remove.unlinked",
+    ] {
         check_remove_point(p);
     }
 }
@@ -233,7 +283,10 @@ fn crash_point_between_data_and_index() {
     });
     let r = reopen(d.path());
     let v = view_of(&r, SIZE);
-    assert!(v[3].is_none() || v[3] == Some(9), "unacknowledged write is old or new");
+    assert!(
+        v[3].is_none() || v[3] == Some(9),
+        "unacknowledged write is old or new"
+    );
     let mut rest = v.clone();
     rest[3] = None;
     assert_eq!(rest, head);
@@ -258,8 +311,13 @@ fn crash_point_in_flush_keeps_acknowledged_writes() {
 fn crash_point_in_create() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("new");
-    crash_during(&dir, "create.before-commit", Some(SIZE), |_| Box::pin(async {}));
-    assert!(Replica::open(&dir, None).is_err(), "no volume.meta: not a replica yet");
+    crash_during(&dir, "create.before-commit", Some(SIZE), |_| {
+        Box::pin(async {})
+    });
+    assert!(
+        Replica::open(&dir, None).is_err(),
+        "no volume.meta: not a replica yet"
+    );
     let r = Replica::open(&dir, Some(SIZE)).expect("creation after the crash succeeds");
     assert!(view_of(&r, SIZE).iter().all(Option::is_none));
     r.check_index().unwrap();

@@ -6,7 +6,10 @@ use std::path::Path;
 
 /// (layer directory, modules it must not use)
 const RULES: &[(&str, &[&str])] = &[
-    ("src/replica", &["engine", "frontend", "controller", "node", "store"]),
+    (
+        "src/replica",
+        &["engine", "frontend", "controller", "node", "store"],
+    ),
     ("src/engine", &["frontend", "controller", "node", "store"]),
     ("src/controller", &["node"]),
     ("src/node", &["controller"]),
@@ -38,12 +41,23 @@ fn layers_do_not_import_upward() {
                     continue;
                 }
                 for m in *banned {
-                    if line.contains(&format!("crate::{m}")) || line.contains(&format!("shorthorn::{m}")) {
-                        violations.push(format!("{}:{}: uses {m}: {}", f.display(), n + 1, line.trim()));
+                    if line.contains(&format!("crate::{m}"))
+                        || line.contains(&format!("shorthorn::{m}"))
+                    {
+                        violations.push(format!(
+                            "{}:{}: uses {m}: {}",
+                            f.display(),
+                            n + 1,
+                            line.trim()
+                        ));
                     }
                 }
             }
         }
     }
-    assert!(violations.is_empty(), "layering violations:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "layering violations:\n{}",
+        violations.join("\n")
+    );
 }

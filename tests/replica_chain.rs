@@ -53,7 +53,10 @@ fn a_thousand_snapshots_deep_chain() {
     let mut all = vec![0u8; (SNAPSHOTS * 4096) as usize];
     r.read(0, &mut all).unwrap();
     for i in 0..SNAPSHOTS {
-        assert_eq!(&all[(i * 4096) as usize..((i + 1) * 4096) as usize], content(i).as_slice());
+        assert_eq!(
+            &all[(i * 4096) as usize..((i + 1) * 4096) as usize],
+            content(i).as_slice()
+        );
     }
 
     // Reopen: the index is rebuilt from 1,001 files.
@@ -61,7 +64,11 @@ fn a_thousand_snapshots_deep_chain() {
     drop(r);
     let t = Instant::now();
     let r = Replica::open(dir.path(), None).unwrap();
-    eprintln!("reopened a {}-layer chain in {:?}", SNAPSHOTS + 1, t.elapsed());
+    eprintln!(
+        "reopened a {}-layer chain in {:?}",
+        SNAPSHOTS + 1,
+        t.elapsed()
+    );
     r.check_index().unwrap();
     let mut again = vec![0u8; all.len()];
     r.read(0, &mut again).unwrap();

@@ -38,7 +38,11 @@ fn content(block: u64, tag: u32) -> Vec<u8> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A replica process that is killed when the test lets go of it, even when
@@ -55,7 +59,14 @@ impl Drop for Proc {
 fn spawn_replica(dir: &Path, addr: &str) -> Proc {
     Proc(
         Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-            .args(["replica", "--size", &SIZE.to_string(), "--listen", addr, "--dir"])
+            .args([
+                "replica",
+                "--size",
+                &SIZE.to_string(),
+                "--listen",
+                addr,
+                "--dir",
+            ])
             .arg(dir)
             .env("SHORTHORN_LOG", "warn")
             .stdout(Stdio::null())
@@ -104,20 +115,29 @@ async fn verify_volume(c: &Client, m: &mut Model) {
             let hit = std::iter::once(acked)
                 .chain(options)
                 .find(|v| matches(*v))
-                .unwrap_or_else(|| panic!("block {b} holds neither its old nor any in-flight value"));
+                .unwrap_or_else(|| {
+                    panic!("block {b} holds neither its old nor any in-flight value")
+                });
             match hit {
                 Some(t) => m.blocks.insert(b, t),
                 None => m.blocks.remove(&b),
             };
         } else {
-            assert!(matches(acked), "block {b}: acknowledged value {acked:?} lost");
+            assert!(
+                matches(acked),
+                "block {b}: acknowledged value {acked:?} lost"
+            );
         }
     }
 }
 
 async fn resolve_snapshots(c: &Client, m: &mut Model) {
     let layers = c.list().await.unwrap();
-    let names: Vec<String> = layers.iter().filter(|l| !l.head).map(|l| l.name.clone()).collect();
+    let names: Vec<String> = layers
+        .iter()
+        .filter(|l| !l.head)
+        .map(|l| l.name.clone())
+        .collect();
     if let Some((name, create, state)) = m.snap_in_flight.take() {
         let exists = names.contains(&name);
         match (create, exists) {
@@ -126,7 +146,9 @@ async fn resolve_snapshots(c: &Client, m: &mut Model) {
             }
             (false, true) => {
                 // The removal was cut short; as an engine would, finish it.
-                c.remove_snapshot(&name).await.expect("retried removal succeeds");
+                c.remove_snapshot(&name)
+                    .await
+                    .expect("retried removal succeeds");
                 m.snaps.remove(&name);
                 return Box::pin(resolve_snapshots(c, m)).await;
             }
@@ -136,9 +158,15 @@ async fn resolve_snapshots(c: &Client, m: &mut Model) {
             (true, false) => {}
         }
     }
-    assert!(layers.iter().all(|l| !l.removed), "no removal is left half-done unless one was in flight");
+    assert!(
+        layers.iter().all(|l| !l.removed),
+        "no removal is left half-done unless one was in flight"
+    );
     for n in m.snaps.keys() {
-        assert!(names.contains(n), "acknowledged snapshot {n} is gone; have {names:?}");
+        assert!(
+            names.contains(n),
+            "acknowledged snapshot {n} is gone; have {names:?}"
+        );
     }
 }
 
@@ -165,7 +193,12 @@ async fn workload(c: Client, m: Arc<Mutex<Model>>, seed: u64, tag0: u32) {
             tag += 1;
             let t = tag;
             let unmap = next() % 8 == 0;
-            m.lock().unwrap().maybe.entry(b).or_default().push(if unmap { None } else { Some(t) });
+            m.lock()
+                .unwrap()
+                .maybe
+                .entry(b)
+                .or_default()
+                .push(if unmap { None } else { Some(t) });
             let c = c.clone();
             let m = Arc::clone(&m);
             batch.push(tokio::spawn(async move {
@@ -240,7 +273,12 @@ async fn sigkill_during_writes_and_snapshot_operations_loses_nothing_acknowledge
             *model.lock().unwrap() = m;
         }
         let seed = 0x1234_5678_9abc_def1u64.wrapping_mul(round as u64 + 1);
-        let work = tokio::spawn(workload(c.clone(), Arc::clone(&model), seed, (round as u32 + 1) * 1_000_000));
+        let work = tokio::spawn(workload(
+            c.clone(),
+            Arc::clone(&model),
+            seed,
+            (round as u32 + 1) * 1_000_000,
+        ));
         let delay = 30 + (seed >> 7) % 400;
         tokio::time::sleep(Duration::from_millis(delay)).await;
         child.0.kill().unwrap();
@@ -259,7 +297,10 @@ async fn sigkill_during_writes_and_snapshot_operations_loses_nothing_acknowledge
     let mut m = std::mem::take(&mut *model.lock().unwrap());
     verify_volume(&c, &mut m).await;
     resolve_snapshots(&c, &mut m).await;
-    assert!(!m.snaps.is_empty() || ROUNDS < 3, "the workload took snapshots");
+    assert!(
+        !m.snaps.is_empty() || ROUNDS < 3,
+        "the workload took snapshots"
+    );
     let snaps = m.snaps.clone();
     for (name, state) in &snaps {
         c.revert(name).await.unwrap();
@@ -271,8 +312,13 @@ async fn sigkill_during_writes_and_snapshot_operations_loses_nothing_acknowledge
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.0.wait().unwrap().success(), "clean shutdown on SIGTERM");
-    let vm = shorthorn::replica::meta::decode_volume(&std::fs::read(path.join("volume.meta")).unwrap()).unwrap();
+    assert!(
+        child.0.wait().unwrap().success(),
+        "clean shutdown on SIGTERM"
+    );
+    let vm =
+        shorthorn::replica::meta::decode_volume(&std::fs::read(path.join("volume.meta")).unwrap())
+            .unwrap();
     assert!(!vm.dirty, "a clean shutdown clears the dirty flag");
     let r = Replica::open(&path, None).unwrap();
     r.check_index().unwrap();
@@ -282,5 +328,8 @@ async fn sigkill_during_writes_and_snapshot_operations_loses_nothing_acknowledge
         snaps.len(),
         r.revision()
     );
-    assert!(r.revision() > 1000, "the workload made progress between kills");
+    assert!(
+        r.revision() > 1000,
+        "the workload made progress between kills"
+    );
 }

@@ -15,7 +15,8 @@ const SNAP_A: &str = "f0aa68cc4194825b24371a4f12b7d8d8ab342b38b6d7de4b97666ec1ad
 const SNAP_B: &str = "2ec66d7b25549cbfee41ea209327d79b9f9048310d08034907881795a8019aae";
 
 fn unpack(dest: &Path) {
-    let tarball = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/longhorn-v1-replica.tar.gz");
+    let tarball =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/longhorn-v1-replica.tar.gz");
     let st = Command::new("tar")
         .arg("--sparse")
         .arg("-xzf")
@@ -48,7 +49,11 @@ fn longhorn_v1_replica_reads_back_the_same_bytes() {
     let info = r.info();
     assert_eq!(
         info.chain,
-        vec!["volume-head-002.img", "volume-snap-snap-b.img", "volume-snap-snap-a.img"]
+        vec![
+            "volume-head-002.img",
+            "volume-snap-snap-b.img",
+            "volume-snap-snap-a.img"
+        ]
     );
     assert_eq!(info.revision, 4);
     r.check_index().unwrap();

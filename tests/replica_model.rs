@@ -56,7 +56,10 @@ fn unmap_reads_zero_over_snapshot_data_and_frees_unshared_space() {
     assert!(buf.iter().all(|&b| b == 0));
     // Only the block that shadows the snapshot's data stays allocated.
     let head_after = r.list().unwrap()[0].allocated_bytes;
-    assert_eq!(head_after, BLOCK as u64, "head keeps one zero block, frees the rest");
+    assert_eq!(
+        head_after, BLOCK as u64,
+        "head keeps one zero block, frees the rest"
+    );
 }
 
 #[test]
@@ -66,29 +69,64 @@ fn bad_requests_are_refused_and_change_nothing() {
     let r = Replica::open(dir.path(), Some(SIZE)).unwrap();
     r.write(0, &content(0, 1)).unwrap();
     let rev = r.revision();
-    assert_eq!(r.write(512, &[0u8; 4096]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(r.write(0, &[0u8; 100]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(r.write(SIZE, &[0u8; 4096]).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(r.unmap(SIZE - 4096, 8192).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(r.unmap(0, 0).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(r.snapshot("a/b", true, BTreeMap::new()).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        r.write(512, &[0u8; 4096]).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        r.write(0, &[0u8; 100]).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        r.write(SIZE, &[0u8; 4096]).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        r.unmap(SIZE - 4096, 8192).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        r.unmap(0, 0).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        r.snapshot("a/b", true, BTreeMap::new()).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
     assert_eq!(r.revert("missing").unwrap_err().kind(), ErrorKind::NotFound);
-    assert_eq!(r.remove_snapshot("missing").unwrap_err().kind(), ErrorKind::NotFound);
-    assert_eq!(r.expand(SIZE - 4096).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(r.expand(SIZE + 1).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        r.remove_snapshot("missing").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        r.expand(SIZE - 4096).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        r.expand(SIZE + 1).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
     r.snapshot("a", true, BTreeMap::new()).unwrap();
-    assert_eq!(r.snapshot("a", true, BTreeMap::new()).unwrap_err().kind(), ErrorKind::AlreadyExists);
+    assert_eq!(
+        r.snapshot("a", true, BTreeMap::new()).unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
     assert_eq!(r.revision(), rev);
     let mut buf = vec![0u8; BLOCK];
     r.read(0, &mut buf).unwrap();
     assert_eq!(buf, content(0, 1));
     drop(r);
     assert_eq!(
-        Replica::open(dir.path(), Some(SIZE * 2)).unwrap_err().kind(),
+        Replica::open(dir.path(), Some(SIZE * 2))
+            .unwrap_err()
+            .kind(),
         ErrorKind::FailedPrecondition
     );
     let empty = tempfile::tempdir().unwrap();
-    assert_eq!(Replica::open(empty.path(), None).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        Replica::open(empty.path(), None).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 #[test]

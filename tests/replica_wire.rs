@@ -39,7 +39,9 @@ async fn many_requests_in_flight_on_one_connection() {
     for i in 0..512u64 {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            c.write(i * 4096, Bytes::from(block(i, 0x5a))).await.unwrap();
+            c.write(i * 4096, Bytes::from(block(i, 0x5a)))
+                .await
+                .unwrap();
             let back = c.read(i * 4096, 4096).await.unwrap();
             assert_eq!(back, block(i, 0x5a), "block {i}");
         }));
@@ -51,7 +53,10 @@ async fn many_requests_in_flight_on_one_connection() {
     // A large read spanning everything written comes back in one piece.
     let all = c.read(0, 512 * 4096).await.unwrap();
     for i in 0..512u64 {
-        assert_eq!(&all[i as usize * 4096..(i as usize + 1) * 4096], block(i, 0x5a).as_slice());
+        assert_eq!(
+            &all[i as usize * 4096..(i as usize + 1) * 4096],
+            block(i, 0x5a).as_slice()
+        );
     }
     assert_eq!(c.info().await.unwrap().revision, 512);
 }
@@ -61,11 +66,23 @@ async fn errors_come_back_with_their_kind() {
     let (_d, addr, _r) = start().await;
     let c = Client::connect(&addr).await.unwrap();
     let kind = |e: ClientError| e.kind();
-    assert_eq!(kind(c.write(100, Bytes::from(vec![0; 4096])).await.unwrap_err()), ErrorKind::InvalidArgument);
-    assert_eq!(kind(c.read(SIZE, 4096).await.unwrap_err()), ErrorKind::OutOfRange);
-    assert_eq!(kind(c.revert("nope").await.unwrap_err()), ErrorKind::NotFound);
+    assert_eq!(
+        kind(c.write(100, Bytes::from(vec![0; 4096])).await.unwrap_err()),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        kind(c.read(SIZE, 4096).await.unwrap_err()),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        kind(c.revert("nope").await.unwrap_err()),
+        ErrorKind::NotFound
+    );
     c.snapshot("one", Default::default()).await.unwrap();
-    assert_eq!(kind(c.snapshot("one", Default::default()).await.unwrap_err()), ErrorKind::AlreadyExists);
+    assert_eq!(
+        kind(c.snapshot("one", Default::default()).await.unwrap_err()),
+        ErrorKind::AlreadyExists
+    );
     // The connection is still usable after refused requests.
     c.write(0, Bytes::from(block(0, 1))).await.unwrap();
     let list = c.list().await.unwrap();
@@ -133,13 +150,18 @@ async fn hostile_frames_are_refused_and_touch_nothing() {
 
     // Malformed control body.
     let body = b"{\"name\": 5}";
-    let mut frame = RequestHeader::new(Op::Snapshot, 8, 0, 0, body).encode().to_vec();
+    let mut frame = RequestHeader::new(Op::Snapshot, 8, 0, 0, body)
+        .encode()
+        .to_vec();
     frame.extend(body);
     let mut s = TcpStream::connect(&addr).await.unwrap();
     s.write_all(&frame).await.unwrap();
     let mut hb = [0u8; RESPONSE_HEADER_LEN];
     s.read_exact(&mut hb).await.unwrap();
-    assert_eq!(ResponseHeader::decode(&hb).unwrap().status, Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        ResponseHeader::decode(&hb).unwrap().status,
+        Some(ErrorKind::InvalidArgument)
+    );
 
     // Random noise in many shapes.
     let mut seed = 0x9e3779b97f4a7c15u64;
@@ -154,7 +176,9 @@ async fn hostile_frames_are_refused_and_touch_nothing() {
         let mut s = TcpStream::connect(&addr).await.unwrap();
         let _ = s.write_all(&noise).await;
         let mut sink = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut sink)).await.expect("closed");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut sink))
+            .await
+            .expect("closed");
     }
 
     // Nothing changed, and the original connection still works.
@@ -177,17 +201,26 @@ async fn a_silent_replica_fails_calls_after_the_timeout_instead_of_hanging() {
     });
     let timeout = std::time::Duration::from_millis(300);
     let c = Client::connect_with_timeout(&addr, timeout).await.unwrap();
-    let other = { let c = c.clone(); tokio::spawn(async move { c.read(0, 4096).await }) };
+    let other = {
+        let c = c.clone();
+        tokio::spawn(async move { c.read(0, 4096).await })
+    };
     let started = std::time::Instant::now();
     let e = c.flush().await.unwrap_err();
     // Whichever waiting call times out first tears the connection down; the
     // other sees it lost.
-    assert!(matches!(e, ClientError::Timeout(_) | ClientError::Disconnected), "{e}");
+    assert!(
+        matches!(e, ClientError::Timeout(_) | ClientError::Disconnected),
+        "{e}"
+    );
     assert_eq!(e.kind(), ErrorKind::Unavailable);
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // The other waiting call fails too, and later calls fail at once.
     assert!(other.await.unwrap().is_err());
-    assert!(matches!(c.info().await.unwrap_err(), ClientError::Disconnected));
+    assert!(matches!(
+        c.info().await.unwrap_err(),
+        ClientError::Disconnected
+    ));
     hold.abort();
 }
 
@@ -214,7 +247,9 @@ async fn more_large_requests_than_the_memory_budget_all_complete() {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             let off = (i % 8) * chunk;
-            c.write(off, Bytes::from(vec![i as u8; chunk as usize])).await.unwrap();
+            c.write(off, Bytes::from(vec![i as u8; chunk as usize]))
+                .await
+                .unwrap();
             c.read(off, chunk).await.unwrap().len()
         }));
     }
@@ -232,16 +267,27 @@ async fn reads_that_miss_the_page_cache_and_writes_during_snapshots_are_served()
     let (dir, addr, r) = start().await;
     let c = Client::connect(&addr).await.unwrap();
     for i in 0..256u64 {
-        c.write(i * 4096, Bytes::from(block(i, 0x21))).await.unwrap();
+        c.write(i * 4096, Bytes::from(block(i, 0x21)))
+            .await
+            .unwrap();
     }
     c.flush().await.unwrap();
     // Drop the head's pages from the page cache: reads must now take the
     // path that waits for the disk, and still return the data.
     let head = std::fs::File::open(dir.path().join("volume-head-000.img")).unwrap();
-    nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&head), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    nix::fcntl::posix_fadvise(
+        std::os::fd::AsRawFd::as_raw_fd(&head),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
     let all = c.read(0, 256 * 4096).await.unwrap();
     for i in 0..256u64 {
-        assert_eq!(&all[i as usize * 4096..(i as usize + 1) * 4096], block(i, 0x21).as_slice());
+        assert_eq!(
+            &all[i as usize * 4096..(i as usize + 1) * 4096],
+            block(i, 0x21).as_slice()
+        );
     }
 
     // Writers keep going while snapshots are taken; each write lands either
@@ -252,20 +298,28 @@ async fn reads_that_miss_the_page_cache_and_writes_during_snapshots_are_served()
         writers.push(tokio::spawn(async move {
             for round in 0..50u8 {
                 for i in (w * 64)..(w * 64 + 64) {
-                    c.write(i * 4096, Bytes::from(block(i, round))).await.unwrap();
+                    c.write(i * 4096, Bytes::from(block(i, round)))
+                        .await
+                        .unwrap();
                 }
             }
         }));
     }
     for n in 0..10 {
-        c.snapshot(&format!("live-{n}"), Default::default()).await.unwrap();
+        c.snapshot(&format!("live-{n}"), Default::default())
+            .await
+            .unwrap();
     }
     for w in writers {
         w.await.unwrap();
     }
     let all = c.read(0, 256 * 4096).await.unwrap();
     for i in 0..256u64 {
-        assert_eq!(&all[i as usize * 4096..(i as usize + 1) * 4096], block(i, 49).as_slice(), "block {i}");
+        assert_eq!(
+            &all[i as usize * 4096..(i as usize + 1) * 4096],
+            block(i, 49).as_slice(),
+            "block {i}"
+        );
     }
     r.check_index().unwrap();
     // Every snapshot shows, for each block, one of the rounds written to it.
@@ -275,7 +329,10 @@ async fn reads_that_miss_the_page_cache_and_writes_during_snapshots_are_served()
         for i in 0..256u64 {
             let got = &snap[i as usize * 4096..(i as usize + 1) * 4096];
             assert_eq!(&got[..8], &i.to_le_bytes(), "snapshot live-{n} block {i}");
-            assert!(got[8..].iter().all(|&b| b == got[8]), "snapshot live-{n} block {i} is torn");
+            assert!(
+                got[8..].iter().all(|&b| b == got[8]),
+                "snapshot live-{n} block {i} is torn"
+            );
         }
     }
 }

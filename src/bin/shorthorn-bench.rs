@@ -112,10 +112,17 @@ fn main() {
             "--json" => o.json = true,
             "--quick" => o.quick = true,
             "--only" => {
-                o.only = args.next().unwrap_or_else(|| usage()).split(',').map(str::to_owned).collect()
+                o.only = args
+                    .next()
+                    .unwrap_or_else(|| usage())
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
             }
             "--dir" => o.dir = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
-            "--shorthorn" => o.shorthorn = args.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            "--shorthorn" => {
+                o.shorthorn = args.next().map(PathBuf::from).unwrap_or_else(|| usage())
+            }
             _ => usage(),
         }
     }
@@ -173,7 +180,10 @@ impl Report {
         self.rows.push((key.to_owned(), value, unit.to_owned()));
     }
     fn get(&self, key: &str) -> f64 {
-        self.rows.iter().find(|r| r.0 == key).map_or(f64::NAN, |r| r.1)
+        self.rows
+            .iter()
+            .find(|r| r.0 == key)
+            .map_or(f64::NAN, |r| r.1)
     }
 }
 
@@ -195,8 +205,16 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
             off += MIB;
         }
         let after = LIVE_BYTES.load(Ordering::SeqCst);
-        rep.add("index_bytes_sequential_1gib", after.saturating_sub(before) as f64, "bytes");
-        rep.add("index_entries_sequential_1gib", r.index_entries() as f64, "entries");
+        rep.add(
+            "index_bytes_sequential_1gib",
+            after.saturating_sub(before) as f64,
+            "bytes",
+        );
+        rep.add(
+            "index_entries_sequential_1gib",
+            r.index_entries() as f64,
+            "entries",
+        );
     }
     // --- index memory, random 4 KiB writes over 1 TiB
     if o.runs("index-rand") {
@@ -234,7 +252,11 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
         }
         let t = Instant::now();
         let r = Replica::open(&s.0, None)?;
-        rep.add("open_seconds_1000_snapshots", t.elapsed().as_secs_f64(), "s");
+        rep.add(
+            "open_seconds_1000_snapshots",
+            t.elapsed().as_secs_f64(),
+            "s",
+        );
         drop(r);
     }
     // --- I/O: direct on a file vs through a replica process
@@ -245,12 +267,21 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
         let reps = if o.quick { 1 } else { 3 };
         let s = Scratch::new(&o.dir, "io")?;
         let open = |name: &str| -> std::io::Result<Arc<std::fs::File>> {
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(s.0.join(name))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(s.0.join(name))?;
             f.set_len(TIB)?;
             Ok(Arc::new(f))
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let addr = format!("127.0.0.1:{port}");
         let proc_ = ReplicaProc::start(&o.shorthorn, &s.0.join("r"), &addr)?;
         let pid = proc_.0.id();
@@ -279,7 +310,11 @@ fn bench_replica(o: &Opts) -> Result<(), BoxError> {
             rw.push(rt.block_on(net_random(&conns, base, region, rand_ops, true))?);
             cpu_per_write.push((cpu_seconds(pid)? - cpu0) * 1e6 / rand_ops as f64);
         }
-        rep.add("replica_cpu_us_per_randwrite_4k", median(cpu_per_write), "us");
+        rep.add(
+            "replica_cpu_us_per_randwrite_4k",
+            median(cpu_per_write),
+            "us",
+        );
         fill(&f, region)?;
         rt.block_on(net_fill(&conns[0], region))?;
         for _ in 0..reps {
@@ -374,7 +409,13 @@ fn fill(f: &std::fs::File, region: u64) -> std::io::Result<()> {
 }
 
 /// `ops` random 4 KiB writes or reads within `base..base + region`, 16 threads.
-fn file_random(f: &Arc<std::fs::File>, base: u64, region: u64, ops: usize, write: bool) -> Result<f64, BoxError> {
+fn file_random(
+    f: &Arc<std::fs::File>,
+    base: u64,
+    region: u64,
+    ops: usize,
+    write: bool,
+) -> Result<f64, BoxError> {
     let left = Arc::new(AtomicU64::new(ops as u64));
     let t = Instant::now();
     let threads: Vec<_> = (0..QD)
@@ -458,7 +499,9 @@ async fn connect(addr: &str) -> Result<Client, BoxError> {
     loop {
         match Client::connect(addr).await {
             Ok(c) => return Ok(c),
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -475,7 +518,13 @@ async fn net_fill(c: &Client, region: u64) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn net_random(conns: &[Client], base: u64, region: u64, ops: usize, write: bool) -> Result<f64, BoxError> {
+async fn net_random(
+    conns: &[Client],
+    base: u64,
+    region: u64,
+    ops: usize,
+    write: bool,
+) -> Result<f64, BoxError> {
     let left = Arc::new(AtomicU64::new(ops as u64));
     let t = Instant::now();
     let mut tasks = Vec::new();
@@ -529,8 +578,14 @@ async fn net_seq(c: &Client, total: u64) -> Result<f64, BoxError> {
 
 fn print_replica(o: &Opts, rep: &Report) {
     let ratio = |a: &str, b: &str| rep.get(a) / rep.get(b);
-    let w_ratio = ratio("randwrite_4k_qd16_iops_replica", "randwrite_4k_qd16_iops_file");
-    let r_ratio = ratio("randread_4k_qd16_iops_replica", "randread_4k_qd16_iops_file");
+    let w_ratio = ratio(
+        "randwrite_4k_qd16_iops_replica",
+        "randwrite_4k_qd16_iops_file",
+    );
+    let r_ratio = ratio(
+        "randread_4k_qd16_iops_replica",
+        "randread_4k_qd16_iops_file",
+    );
     let s_ratio = ratio("seqwrite_1m_mbps_replica", "seqwrite_1m_mbps_file");
     if o.json {
         let mut m = serde_json::Map::new();
@@ -544,7 +599,14 @@ fn print_replica(o: &Opts, rep: &Report) {
         println!("{}", serde_json::Value::Object(m));
         return;
     }
-    println!("shorthorn replica benchmark{}", if o.quick { " (--quick: reduced sizes, not comparable)" } else { "" });
+    println!(
+        "shorthorn replica benchmark{}",
+        if o.quick {
+            " (--quick: reduced sizes, not comparable)"
+        } else {
+            ""
+        }
+    );
     println!("{:<34} {:>16} {:<8}", "metric", "value", "unit");
     for (k, v, u) in &rep.rows {
         let prec = if *v < 10.0 { 4 } else { 1 };
@@ -554,11 +616,23 @@ fn print_replica(o: &Opts, rep: &Report) {
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
     let seq = rep.get("index_bytes_sequential_1gib");
     let per = rep.get("index_bytes_per_extent_random");
-    println!("index after 1 GiB sequential: {seq:.0} B ({} target < 1 MiB)", verdict(seq < MIB as f64));
-    println!("index per random extent: {per:.1} B ({} target < 64 B)", verdict(per < 64.0));
-    println!("4 KiB randwrite QD16, replica/file: {w_ratio:.2} ({} target >= 0.50)", verdict(w_ratio >= 0.5));
+    println!(
+        "index after 1 GiB sequential: {seq:.0} B ({} target < 1 MiB)",
+        verdict(seq < MIB as f64)
+    );
+    println!(
+        "index per random extent: {per:.1} B ({} target < 64 B)",
+        verdict(per < 64.0)
+    );
+    println!(
+        "4 KiB randwrite QD16, replica/file: {w_ratio:.2} ({} target >= 0.50)",
+        verdict(w_ratio >= 0.5)
+    );
     println!("4 KiB randread  QD16, replica/file: {r_ratio:.2}");
-    let od = ratio("randwrite_4k_qd16_iops_replica", "randwrite_4k_qd16_iops_file_odirect");
+    let od = ratio(
+        "randwrite_4k_qd16_iops_replica",
+        "randwrite_4k_qd16_iops_file_odirect",
+    );
     println!("4 KiB randwrite QD16, replica/file with O_DIRECT (context, not the target): {od:.2}");
     println!("1 MiB seqwrite, replica/file:       {s_ratio:.2}");
 }

@@ -120,11 +120,14 @@ impl Volume {
         for addr in addrs {
             let client = Client::connect_with_timeout(addr, timeout)
                 .await
-                .map_err(|source| Error::Replica { addr: addr.clone(), source })?;
-            let info = client
-                .info()
-                .await
-                .map_err(|source| Error::Replica { addr: addr.clone(), source })?;
+                .map_err(|source| Error::Replica {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let info = client.info().await.map_err(|source| Error::Replica {
+                addr: addr.clone(),
+                source,
+            })?;
             if info.size != size {
                 return Err(Error::SizeMismatch {
                     addr: addr.clone(),
@@ -180,7 +183,11 @@ impl Volume {
         }
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::OutOfRange { offset, len, size: self.size }),
+            _ => Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.size,
+            }),
         }
     }
 
@@ -232,7 +239,8 @@ impl Volume {
     /// Trims a range on every read-write replica.
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.check_io(offset, len)?;
-        self.mirror(|c| async move { c.unmap(offset, len).await }).await
+        self.mirror(|c| async move { c.unmap(offset, len).await })
+            .await
     }
 
     /// Makes every acknowledged write durable on every read-write replica.

@@ -160,10 +160,12 @@ impl Replica {
     /// existing one.
     pub fn open(dir: &Path, create_size: Option<u64>) -> Result<Self> {
         let meta_path = dir.join(meta::VOLUME_META);
-        let exists = meta_path.try_exists().map_err(|source| Error::OpenReplica {
-            dir: dir.to_path_buf(),
-            source,
-        })?;
+        let exists = meta_path
+            .try_exists()
+            .map_err(|source| Error::OpenReplica {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         if !exists {
             let size = create_size.ok_or_else(|| Error::NoReplica {
                 dir: dir.to_path_buf(),
@@ -222,7 +224,9 @@ impl Replica {
             if l.allocated_bytes().map_err(io_err(&head))? != 0 {
                 return Err(Error::MetaCorrupt {
                     file: meta::VOLUME_META.into(),
-                    reason: format!("missing, yet {head} holds data; refusing to create a new replica over it"),
+                    reason: format!(
+                        "missing, yet {head} holds data; refusing to create a new replica over it"
+                    ),
                 });
             }
             drop(l);
@@ -397,7 +401,11 @@ impl Replica {
     fn persist_revision(&self, now: u64) -> Result<()> {
         let mut on_disk = lock(&self.persisted_revision);
         if *on_disk < now {
-            write_meta(&self.dir, meta::REVISION_COUNTER, &meta::encode_revision(now))?;
+            write_meta(
+                &self.dir,
+                meta::REVISION_COUNTER,
+                &meta::encode_revision(now),
+            )?;
             *on_disk = now;
         }
         Ok(())
@@ -408,7 +416,8 @@ impl Replica {
     /// longer match it: the replica refuses all further requests until it is
     /// reopened from what is on disk.
     fn commit_volume_meta(&self, vm: &VolumeMeta) -> Result<()> {
-        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(vm)).map_err(|e| self.poison(e))
+        write_meta(&self.dir, meta::VOLUME_META, &meta::encode_volume(vm))
+            .map_err(|e| self.poison(e))
     }
 
     /// Replaces the in-memory state with one loaded from the directory after
@@ -656,7 +665,9 @@ impl Replica {
             return Ok(());
         }
         let h = st.chain.len() - 1;
-        st.chain[h].set_len(new_size).map_err(io_err(&st.names[h]))?;
+        st.chain[h]
+            .set_len(new_size)
+            .map_err(io_err(&st.names[h]))?;
         st.chain[h].sync().map_err(io_err(&st.names[h]))?;
         let mut vm = st.meta.clone();
         vm.size = new_size;
@@ -711,7 +722,9 @@ impl Replica {
         order.extend(st.disks.keys().filter(|f| !st.names.contains(f)).cloned());
         let mut out = Vec::with_capacity(order.len());
         for file in order {
-            let Some(m) = st.disks.get(&file) else { continue };
+            let Some(m) = st.disks.get(&file) else {
+                continue;
+            };
             let allocated = fs::metadata(self.dir.join(&file))
                 .map(|md| {
                     use std::os::unix::fs::MetadataExt;
@@ -792,7 +805,9 @@ impl Replica {
                 let e = r.end.min((b / chunk + 1) * chunk);
                 let len = (e - b) * BLOCK_SIZE;
                 buf.resize(usize::try_from(len).expect("chunk fits memory"), 0);
-                handle.read_at(&mut buf, b * BLOCK_SIZE).map_err(io_err(&file))?;
+                handle
+                    .read_at(&mut buf, b * BLOCK_SIZE)
+                    .map_err(io_err(&file))?;
                 page.extents.push(ExtentChecksum {
                     offset: b * BLOCK_SIZE,
                     len,
@@ -807,7 +822,11 @@ impl Replica {
     /// Reads served by each layer of the active chain (bottom first) since
     /// it was opened.
     pub fn layer_reads(&self) -> Vec<u64> {
-        self.read_state().chain.iter().map(|l| l.read_count()).collect()
+        self.read_state()
+            .chain
+            .iter()
+            .map(|l| l.read_count())
+            .collect()
     }
 
     /// Rebuilds the index from the layer files and compares it with the one
@@ -857,7 +876,8 @@ impl State {
     /// range and the error is logged; `check_index` would report it.
     fn resync_head(&self, blocks: Range<u64>) {
         let h = self.chain.len() - 1;
-        let found = self.chain[h].scan_extents_in(blocks.start * BLOCK_SIZE..blocks.end * BLOCK_SIZE);
+        let found =
+            self.chain[h].scan_extents_in(blocks.start * BLOCK_SIZE..blocks.end * BLOCK_SIZE);
         match found {
             Ok(set) => {
                 let mut view = lock(&self.view);
@@ -872,7 +892,9 @@ impl State {
                     view.insert(r, head_index(h));
                 }
             }
-            Err(e) => tracing::error!(error = %e, "cannot re-read head extents after a failed write"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot re-read head extents after a failed write")
+            }
         }
     }
 
@@ -885,10 +907,11 @@ impl State {
                 source,
             })
         };
-        let vm = meta::decode_volume(&read(meta::VOLUME_META)?).map_err(|e| Error::MetaCorrupt {
-            file: meta::VOLUME_META.into(),
-            reason: e.to_string(),
-        })?;
+        let vm =
+            meta::decode_volume(&read(meta::VOLUME_META)?).map_err(|e| Error::MetaCorrupt {
+                file: meta::VOLUME_META.into(),
+                reason: e.to_string(),
+            })?;
         if !vm.backing_file_path.is_empty() || vm.encrypted {
             return Err(Error::Unsupported(
                 "Longhorn backing images and encrypted replicas are not supported".into(),
@@ -983,9 +1006,9 @@ impl State {
 
         // Finish interrupted removals: removed snapshots nothing depends on.
         loop {
-            let orphan = disks.iter().find(|(f, m)| {
-                m.removed && !disks.values().any(|c| c.parent == **f)
-            });
+            let orphan = disks
+                .iter()
+                .find(|(f, m)| m.removed && !disks.values().any(|c| c.parent == **f));
             let Some((f, _)) = orphan else { break };
             let f = f.clone();
             remove_layer_files(dir, &f)?;
@@ -1097,11 +1120,16 @@ fn read_in(st: &State, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool
         let i = i as usize;
         let at = r.start * BLOCK_SIZE;
         if nowait {
-            if !st.chain[i].read_cached(&mut buf[lo..hi], at).map_err(io_err(&st.names[i]))? {
+            if !st.chain[i]
+                .read_cached(&mut buf[lo..hi], at)
+                .map_err(io_err(&st.names[i]))?
+            {
                 return Ok(false);
             }
         } else {
-            st.chain[i].read_at(&mut buf[lo..hi], at).map_err(io_err(&st.names[i]))?;
+            st.chain[i]
+                .read_at(&mut buf[lo..hi], at)
+                .map_err(io_err(&st.names[i]))?;
         }
     }
     Ok(true)
@@ -1193,14 +1221,22 @@ fn write_zeros(layer: &Layer, offset: u64, len: u64) -> io::Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZEROS.len() as u64);
-        layer.write_at(&ZEROS[..usize::try_from(n).expect("<= 64 KiB")], offset + done)?;
+        layer.write_at(
+            &ZEROS[..usize::try_from(n).expect("<= 64 KiB")],
+            offset + done,
+        )?;
         done += n;
     }
     Ok(())
 }
 
 /// Copies `src`'s data into `dst` wherever `dst` has a hole.
-fn copy_missing(src: &Layer, src_set: &ExtentSet, dst: &Layer, dst_set: &ExtentSet) -> io::Result<()> {
+fn copy_missing(
+    src: &Layer,
+    src_set: &ExtentSet,
+    dst: &Layer,
+    dst_set: &ExtentSet,
+) -> io::Result<()> {
     let step = MERGE_COPY_BYTES / BLOCK_SIZE;
     let mut buf = Vec::new();
     for r in src_set.ranges() {

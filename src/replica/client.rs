@@ -143,7 +143,10 @@ impl Client {
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(Mutex::new(Pending::default()));
-        let writer = tokio::spawn(write_requests(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr), rx));
+        let writer = tokio::spawn(write_requests(
+            BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr),
+            rx,
+        ));
         let p = Arc::clone(&pending);
         let reader = tokio::spawn(async move {
             let _ = read_responses(BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd), &p).await;
@@ -210,7 +213,11 @@ impl Client {
     ) -> Result<A, ClientError> {
         let body = serde_json::to_vec(q).map_err(|e| ClientError::Decode(e.to_string()))?;
         let ans = self.call(op, 0, 0, Bytes::from(body)).await?;
-        let ans = if ans.is_empty() { b"null".to_vec() } else { ans };
+        let ans = if ans.is_empty() {
+            b"null".to_vec()
+        } else {
+            ans
+        };
         serde_json::from_slice(&ans).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
@@ -229,7 +236,9 @@ impl Client {
 
     /// Trims `len` bytes at `offset`.
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), ClientError> {
-        self.call(Op::Unmap, offset, len, Bytes::new()).await.map(drop)
+        self.call(Op::Unmap, offset, len, Bytes::new())
+            .await
+            .map(drop)
     }
 
     /// Makes every acknowledged write durable.
@@ -275,11 +284,17 @@ impl Client {
 
     /// Grows the volume to `size` bytes.
     pub async fn expand(&self, size: u64) -> Result<(), ClientError> {
-        self.control::<_, ()>(Op::Expand, &ExpandRequest { size }).await
+        self.control::<_, ()>(Op::Expand, &ExpandRequest { size })
+            .await
     }
 
     /// One page of a layer's checksummed extents.
-    pub async fn extents(&self, layer: &str, from: u64, max: u32) -> Result<ExtentPage, ClientError> {
+    pub async fn extents(
+        &self,
+        layer: &str,
+        from: u64,
+        max: u32,
+    ) -> Result<ExtentPage, ClientError> {
         let q = ExtentsRequest {
             layer: layer.into(),
             from,
@@ -306,7 +321,11 @@ fn fail_all(p: &Mutex<Pending>, err: impl Fn() -> ClientError) {
 /// Tears the connection down when a call has waited longer than `timeout`:
 /// a replica that does not answer in time is treated as gone, so no other
 /// call waits on it either. Checks a few times per timeout period.
-async fn watchdog(p: Arc<Mutex<Pending>>, tasks: Arc<[tokio::task::AbortHandle; 2]>, timeout: Duration) {
+async fn watchdog(
+    p: Arc<Mutex<Pending>>,
+    tasks: Arc<[tokio::task::AbortHandle; 2]>,
+    timeout: Duration,
+) {
     let period = (timeout / 4).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(period).await;
@@ -365,10 +384,14 @@ async fn read_responses(
 ) -> Result<(), ClientError> {
     loop {
         let mut hb = [0u8; RESPONSE_HEADER_LEN];
-        rd.read_exact(&mut hb).await.map_err(|_| ClientError::Disconnected)?;
+        rd.read_exact(&mut hb)
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
         let h = ResponseHeader::decode(&hb)?;
         let mut payload = vec![0u8; h.payload_len as usize];
-        rd.read_exact(&mut payload).await.map_err(|_| ClientError::Disconnected)?;
+        rd.read_exact(&mut payload)
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
         wire::verify_payload(h.id, h.payload_crc, &payload)?;
         let reply = match h.status {
             None => Ok(payload),
@@ -381,7 +404,10 @@ async fn read_responses(
         if let Some((_, w)) = waiter {
             let _ = w.send(reply);
         } else if h.id != 0 {
-            return Err(ClientError::Decode(format!("answer to unknown request {}", h.id)));
+            return Err(ClientError::Decode(format!(
+                "answer to unknown request {}",
+                h.id
+            )));
         }
     }
 }

@@ -132,11 +132,10 @@ impl<V: Copy + Eq> RangeMap<V> {
             .next_back()
             .filter(|(_, &(e, _))| e > r.start)
             .map(|(&s, &ev)| (s, ev));
-        for (s, (e, v)) in first.into_iter().chain(
-            self.map
-                .range(r.start..r.end)
-                .map(|(&s, &ev)| (s, ev)),
-        ) {
+        for (s, (e, v)) in first
+            .into_iter()
+            .chain(self.map.range(r.start..r.end).map(|(&s, &ev)| (s, ev)))
+        {
             let s = s.max(r.start);
             let e = e.min(r.end);
             if s > pos {

@@ -66,7 +66,8 @@ impl Layer {
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         let mut done = 0;
         while done < buf.len() {
-            let at = i64::try_from(offset + done as u64).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let at = i64::try_from(offset + done as u64)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             let rest = &mut buf[done..];
             let iov = libc::iovec {
                 iov_base: rest.as_mut_ptr().cast(),
@@ -76,7 +77,11 @@ impl Layer {
             // buffer that outlives the call; the descriptor is owned by
             // `self.file`, open for the duration of the call.
             let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
-            let res = if n < 0 { Err(Errno::last()) } else { Ok(n.unsigned_abs()) };
+            let res = if n < 0 {
+                Err(Errno::last())
+            } else {
+                Ok(n.unsigned_abs())
+            };
             match res {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
                 Ok(n) => done += n,
@@ -97,7 +102,8 @@ impl Layer {
     /// Deallocates `[offset, offset+len)`; it reads back as zeros and, in the
     /// chain, as "not in this layer".
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let off = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let off =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let l = i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         fallocate(
             self.file.as_raw_fd(),
@@ -156,7 +162,8 @@ impl Layer {
         let mut pos: u64 = range.start;
         let fd = self.file.as_raw_fd();
         while pos < end {
-            let at = i64::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let at =
+                i64::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             let data = match lseek(fd, at, Whence::SeekData) {
                 Ok(d) => u64::try_from(d).unwrap_or(u64::MAX),
                 Err(Errno::ENXIO) => break,
@@ -165,7 +172,8 @@ impl Layer {
             if data >= end {
                 break;
             }
-            let data_at = i64::try_from(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            let data_at =
+                i64::try_from(data).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             let hole = match lseek(fd, data_at, Whence::SeekHole) {
                 Ok(h) => u64::try_from(h).unwrap_or(u64::MAX).min(end),
                 Err(Errno::ENXIO) => end,

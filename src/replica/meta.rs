@@ -193,9 +193,7 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), String> {
 /// The current time as Longhorn stamps it in `Created`.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let f = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-    );
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     now.format(&f).unwrap_or_default()
 }
 
@@ -260,7 +258,10 @@ mod tests {
     #[test]
     fn file_names_round_trip() {
         assert_eq!(parse_head_file_name(&head_file_name(7)), Some(7));
-        assert_eq!(parse_snap_file_name(&snap_file_name("snap-a")), Some("snap-a"));
+        assert_eq!(
+            parse_snap_file_name(&snap_file_name("snap-a")),
+            Some("snap-a")
+        );
         assert_eq!(parse_snap_file_name("volume-snap-.img"), None);
         assert_eq!(parse_head_file_name("volume-snap-a.img"), None);
     }

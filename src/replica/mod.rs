@@ -14,12 +14,12 @@
 //! - [`wire`]: the frame format (pure, property-tested).
 //! - [`server`] / [`client`]: the protocol over TCP.
 
+pub mod chain;
 pub mod client;
 pub mod extents;
 pub mod layer;
 pub mod meta;
 pub mod server;
-pub mod chain;
 pub mod wire;
 
 use std::io;

@@ -91,7 +91,10 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::with_capacity(SOCKET_BUFFER_BYTES, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Response>();
-    let writer = tokio::spawn(write_responses(BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr), rx));
+    let writer = tokio::spawn(write_responses(
+        BufWriter::with_capacity(SOCKET_BUFFER_BYTES, wr),
+        rx,
+    ));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let memory = Arc::new(Semaphore::new(MAX_BUFFERED_BYTES_PER_CONN / BUDGET_UNIT));
     let mut batch: Vec<Job> = Vec::new();
@@ -110,8 +113,13 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
             Op::Read => hdr.length,
             _ => u64::from(hdr.payload_len),
         };
-        let units = u32::try_from(usize::try_from(bytes).unwrap_or(usize::MAX).div_ceil(BUDGET_UNIT).max(1))
-            .expect("request sizes are bounded by the header checks");
+        let units = u32::try_from(
+            usize::try_from(bytes)
+                .unwrap_or(usize::MAX)
+                .div_ceil(BUDGET_UNIT)
+                .max(1),
+        )
+        .expect("request sizes are bounded by the header checks");
         // Reserve before reading the payload or allocating the answer. Never
         // wait (for budget or for bytes) while holding an undispatched batch:
         // its requests hold budget that only their answers give back.
@@ -125,7 +133,10 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
         let (permit, mem) = match reserved {
             Some(r) => r,
             None => {
-                let p = Arc::clone(&permits).acquire_owned().await.expect("semaphore never closed");
+                let p = Arc::clone(&permits)
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
                 let m = Arc::clone(&memory)
                     .acquire_many_owned(units)
                     .await
@@ -204,7 +215,9 @@ fn run_inline(r: &Replica, job: Job) -> Result<Response, Job> {
             None => return Err(job),
         },
         Op::Read => {
-            let Ok(len) = usize::try_from(h.length) else { return Err(job) };
+            let Ok(len) = usize::try_from(h.length) else {
+                return Err(job);
+            };
             let mut buf = vec![0u8; len];
             match r.try_read(h.offset, &mut buf) {
                 Some(res) => res.map(|()| buf),
@@ -217,7 +230,11 @@ fn run_inline(r: &Replica, job: Job) -> Result<Response, Job> {
     Ok(answer(h.id, result, job.budget))
 }
 
-fn answer(id: u64, result: OpResult, budget: (OwnedSemaphorePermit, OwnedSemaphorePermit)) -> Response {
+fn answer(
+    id: u64,
+    result: OpResult,
+    budget: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) -> Response {
     let (status, body) = match result {
         Ok(body) if body.len() <= wire::MAX_RESPONSE_BYTES as usize => (None, body),
         Ok(body) => (
@@ -272,20 +289,28 @@ fn execute(r: &Replica, h: RequestHeader, payload: Vec<u8>) -> OpResult {
     let fail = |e: super::Error| (e.kind(), e.to_string());
     match h.op {
         Op::Read => {
-            let len = usize::try_from(h.length).map_err(|_| (ErrorKind::InvalidArgument, "length".to_string()))?;
+            let len = usize::try_from(h.length)
+                .map_err(|_| (ErrorKind::InvalidArgument, "length".to_string()))?;
             let mut buf = vec![0u8; len];
             r.read(h.offset, &mut buf).map_err(fail)?;
             Ok(buf)
         }
-        Op::Write => r.write(h.offset, &payload).map(|()| Vec::new()).map_err(fail),
-        Op::Unmap => r.unmap(h.offset, h.length).map(|()| Vec::new()).map_err(fail),
+        Op::Write => r
+            .write(h.offset, &payload)
+            .map(|()| Vec::new())
+            .map_err(fail),
+        Op::Unmap => r
+            .unmap(h.offset, h.length)
+            .map(|()| Vec::new())
+            .map_err(fail),
         Op::Flush => r.flush().map(|()| Vec::new()).map_err(fail),
         Op::Info => json(&r.info()),
         Op::List => json(&r.list().map_err(fail)?),
         Op::Snapshot => {
             let q: SnapshotRequest = parse(&payload)?;
             info!(snapshot.name = %q.name, "snapshot");
-            r.snapshot(&q.name, q.user_created, q.labels).map_err(fail)?;
+            r.snapshot(&q.name, q.user_created, q.labels)
+                .map_err(fail)?;
             Ok(Vec::new())
         }
         Op::RemoveSnapshot => {
@@ -320,8 +345,12 @@ fn execute(r: &Replica, h: RequestHeader, payload: Vec<u8>) -> OpResult {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, (ErrorKind, String)> {
-    serde_json::from_slice(payload)
-        .map_err(|e| (ErrorKind::InvalidArgument, format!("malformed request body: {e}")))
+    serde_json::from_slice(payload).map_err(|e| {
+        (
+            ErrorKind::InvalidArgument,
+            format!("malformed request body: {e}"),
+        )
+    })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> OpResult {

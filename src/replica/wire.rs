@@ -158,9 +158,9 @@ impl FrameError {
     /// The request id, when the header was intact enough to know it.
     pub fn id(&self) -> Option<u64> {
         match self {
-            Self::UnknownOp { id, .. } | Self::BadLength { id, .. } | Self::PayloadChecksum { id } => {
-                Some(*id)
-            }
+            Self::UnknownOp { id, .. }
+            | Self::BadLength { id, .. }
+            | Self::PayloadChecksum { id } => Some(*id),
             _ => None,
         }
     }
@@ -183,7 +183,11 @@ impl RequestHeader {
             offset,
             length,
             payload_len: u32::try_from(payload.len()).expect("payload bounded by MAX_IO_BYTES"),
-            payload_crc: if payload.is_empty() { 0 } else { crc32c::crc32c(payload) },
+            payload_crc: if payload.is_empty() {
+                0
+            } else {
+                crc32c::crc32c(payload)
+            },
         }
     }
 
@@ -234,7 +238,10 @@ impl RequestHeader {
     }
 
     fn check_lengths(&self) -> Result<(), FrameError> {
-        let bad = |reason: String| FrameError::BadLength { id: self.id, reason };
+        let bad = |reason: String| FrameError::BadLength {
+            id: self.id,
+            reason,
+        };
         let payload = u64::from(self.payload_len);
         match self.op {
             Op::Read => {
@@ -242,7 +249,10 @@ impl RequestHeader {
                     return Err(bad("a read carries no payload".into()));
                 }
                 if self.length > MAX_IO_BYTES {
-                    return Err(bad(format!("read of {} bytes exceeds {MAX_IO_BYTES}", self.length)));
+                    return Err(bad(format!(
+                        "read of {} bytes exceeds {MAX_IO_BYTES}",
+                        self.length
+                    )));
                 }
             }
             Op::Write => {
@@ -253,7 +263,9 @@ impl RequestHeader {
                     )));
                 }
                 if payload > MAX_IO_BYTES {
-                    return Err(bad(format!("write of {payload} bytes exceeds {MAX_IO_BYTES}")));
+                    return Err(bad(format!(
+                        "write of {payload} bytes exceeds {MAX_IO_BYTES}"
+                    )));
                 }
             }
             Op::Unmap | Op::Flush => {
@@ -281,7 +293,11 @@ impl ResponseHeader {
             status,
             id,
             payload_len: u32::try_from(payload.len()).expect("response payload bounded"),
-            payload_crc: if payload.is_empty() { 0 } else { crc32c::crc32c(payload) },
+            payload_crc: if payload.is_empty() {
+                0
+            } else {
+                crc32c::crc32c(payload)
+            },
         }
     }
 
@@ -327,7 +343,10 @@ impl ResponseHeader {
         if h.payload_len > MAX_RESPONSE_BYTES {
             return Err(FrameError::BadLength {
                 id: h.id,
-                reason: format!("response payload of {} bytes exceeds {MAX_RESPONSE_BYTES}", h.payload_len),
+                reason: format!(
+                    "response payload of {} bytes exceeds {MAX_RESPONSE_BYTES}",
+                    h.payload_len
+                ),
             });
         }
         Ok(h)
@@ -336,7 +355,11 @@ impl ResponseHeader {
 
 /// Checks a received payload against the CRC its header announced.
 pub fn verify_payload(id: u64, expected_crc: u32, payload: &[u8]) -> Result<(), FrameError> {
-    let actual = if payload.is_empty() { 0 } else { crc32c::crc32c(payload) };
+    let actual = if payload.is_empty() {
+        0
+    } else {
+        crc32c::crc32c(payload)
+    };
     if actual == expected_crc {
         Ok(())
     } else {
@@ -402,23 +425,46 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            Just(Op::Read), Just(Op::Write), Just(Op::Unmap), Just(Op::Flush),
-            Just(Op::Info), Just(Op::List), Just(Op::Snapshot), Just(Op::RemoveSnapshot),
-            Just(Op::Revert), Just(Op::Expand), Just(Op::Extents), Just(Op::SetRebuilding),
+            Just(Op::Read),
+            Just(Op::Write),
+            Just(Op::Unmap),
+            Just(Op::Flush),
+            Just(Op::Info),
+            Just(Op::List),
+            Just(Op::Snapshot),
+            Just(Op::RemoveSnapshot),
+            Just(Op::Revert),
+            Just(Op::Expand),
+            Just(Op::Extents),
+            Just(Op::SetRebuilding),
         ]
     }
 
     fn valid_request() -> impl Strategy<Value = RequestHeader> {
-        (op(), any::<u64>(), any::<u64>(), 0..MAX_IO_BYTES, any::<u32>()).prop_map(|(op, id, offset, len, crc)| {
-            let (length, payload_len) = match op {
-                Op::Read => (len, 0),
-                Op::Write => (len, u32::try_from(len).unwrap()),
-                Op::Unmap => (len << 8, 0),
-                Op::Flush => (0, 0),
-                _ => (0, u32::try_from(len).unwrap() % MAX_CONTROL_BYTES),
-            };
-            RequestHeader { op, id, offset, length, payload_len, payload_crc: if payload_len == 0 { 0 } else { crc } }
-        })
+        (
+            op(),
+            any::<u64>(),
+            any::<u64>(),
+            0..MAX_IO_BYTES,
+            any::<u32>(),
+        )
+            .prop_map(|(op, id, offset, len, crc)| {
+                let (length, payload_len) = match op {
+                    Op::Read => (len, 0),
+                    Op::Write => (len, u32::try_from(len).unwrap()),
+                    Op::Unmap => (len << 8, 0),
+                    Op::Flush => (0, 0),
+                    _ => (0, u32::try_from(len).unwrap() % MAX_CONTROL_BYTES),
+                };
+                RequestHeader {
+                    op,
+                    id,
+                    offset,
+                    length,
+                    payload_len,
+                    payload_crc: if payload_len == 0 { 0 } else { crc },
+                }
+            })
     }
 
     proptest! {
@@ -456,8 +502,18 @@ mod tests {
 
     #[test]
     fn oversized_write_is_refused_before_its_payload_is_read() {
-        let h = RequestHeader { op: Op::Write, id: 7, offset: 0, length: MAX_IO_BYTES + 4096, payload_len: u32::try_from(MAX_IO_BYTES + 4096).unwrap(), payload_crc: 1 };
-        assert!(matches!(RequestHeader::decode(&h.encode()), Err(FrameError::BadLength { id: 7, .. })));
+        let h = RequestHeader {
+            op: Op::Write,
+            id: 7,
+            offset: 0,
+            length: MAX_IO_BYTES + 4096,
+            payload_len: u32::try_from(MAX_IO_BYTES + 4096).unwrap(),
+            payload_crc: 1,
+        };
+        assert!(matches!(
+            RequestHeader::decode(&h.encode()),
+            Err(FrameError::BadLength { id: 7, .. })
+        ));
     }
 
     #[test]
@@ -467,6 +523,9 @@ mod tests {
         let mut bad = data.clone();
         bad[100] ^= 1;
         assert!(verify_payload(1, h.payload_crc, &data).is_ok());
-        assert_eq!(verify_payload(1, h.payload_crc, &bad), Err(FrameError::PayloadChecksum { id: 1 }));
+        assert_eq!(
+            verify_payload(1, h.payload_crc, &bad),
+            Err(FrameError::PayloadChecksum { id: 1 })
+        );
     }
 }

@@ -43,7 +43,10 @@ pub fn check(r: &Replica, model: &Model) {
     for b in 0..BLOCKS {
         let got = &buf[b as usize * BLOCK..(b as usize + 1) * BLOCK];
         match model.get(&b) {
-            Some(&tag) => assert!(got == content(b, tag).as_slice(), "block {b}: expected write {tag}"),
+            Some(&tag) => assert!(
+                got == content(b, tag).as_slice(),
+                "block {b}: expected write {tag}"
+            ),
             None => assert!(got.iter().all(|&x| x == 0), "block {b}: expected zeros"),
         }
     }
@@ -76,7 +79,8 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
                 r.write(block * BLOCK as u64, &data).expect("write");
             }
             Op::Unmap { block, count } => {
-                r.unmap(block * BLOCK as u64, count * BLOCK as u64).expect("unmap");
+                r.unmap(block * BLOCK as u64, count * BLOCK as u64)
+                    .expect("unmap");
                 for b in block..block + count {
                     model.remove(&b);
                 }
@@ -88,12 +92,16 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
                 snaps.insert(name, model.clone());
             }
             Op::Remove(i) => {
-                let Some(name) = snaps.keys().nth(i % snaps.len().max(1)).cloned() else { continue };
+                let Some(name) = snaps.keys().nth(i % snaps.len().max(1)).cloned() else {
+                    continue;
+                };
                 r.remove_snapshot(&name).expect("remove");
                 snaps.remove(&name);
             }
             Op::Revert(i) => {
-                let Some((name, m)) = snaps.iter().nth(i % snaps.len().max(1)) else { continue };
+                let Some((name, m)) = snaps.iter().nth(i % snaps.len().max(1)) else {
+                    continue;
+                };
                 r.revert(name).expect("revert");
                 model = m.clone();
             }
@@ -125,4 +133,3 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
     got.sort();
     assert_eq!(got, want, "listed snapshots");
 }
-

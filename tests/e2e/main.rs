@@ -20,10 +20,9 @@ use std::process::Command;
 use common::{run_in, Op, BLOCKS};
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} is needed by the e2e tests ({e}); run scripts/test, which installs it"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("{cmd} is needed by the e2e tests ({e}); run scripts/test, which installs it")
+    });
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -61,7 +60,11 @@ impl Fs {
         a.push(&dev);
         run(mkfs, &a);
         run("mount", &[&dev, mnt.to_str().unwrap()]);
-        Self { _dir: dir, dev, mnt }
+        Self {
+            _dir: dir,
+            dev,
+            mnt,
+        }
     }
 }
 
@@ -86,11 +89,17 @@ fn workload(seed: u64, len: usize) -> Vec<Op> {
         .map(|_| match next(17) {
             0..=7 => {
                 let block = next(BLOCKS);
-                Op::Write { block, count: (1 + next(8)).min(BLOCKS - block) }
+                Op::Write {
+                    block,
+                    count: (1 + next(8)).min(BLOCKS - block),
+                }
             }
             8..=10 => {
                 let block = next(BLOCKS);
-                Op::Unmap { block, count: (1 + next(12)).min(BLOCKS - block) }
+                Op::Unmap {
+                    block,
+                    count: (1 + next(12)).min(BLOCKS - block),
+                }
             }
             11 | 12 => Op::Snapshot,
             13 => Op::Remove(next(8) as usize),
@@ -118,8 +127,10 @@ fn chain_reopens(parent: &Path) {
     let size = 4u64 << 20;
     let r = Replica::open(&dir, Some(size)).unwrap();
     for i in 0..100u64 {
-        r.write(i * 4096, &common::content(i, i as u32 + 1)).unwrap();
-        r.snapshot(&format!("s{i}"), true, Default::default()).unwrap();
+        r.write(i * 4096, &common::content(i, i as u32 + 1))
+            .unwrap();
+        r.snapshot(&format!("s{i}"), true, Default::default())
+            .unwrap();
     }
     r.close().unwrap();
     drop(r);
@@ -128,7 +139,10 @@ fn chain_reopens(parent: &Path) {
     let mut buf = vec![0u8; 100 * 4096];
     r.read(0, &mut buf).unwrap();
     for i in 0..100u64 {
-        assert_eq!(&buf[(i * 4096) as usize..((i + 1) * 4096) as usize], common::content(i, i as u32 + 1).as_slice());
+        assert_eq!(
+            &buf[(i * 4096) as usize..((i + 1) * 4096) as usize],
+            common::content(i, i as u32 + 1).as_slice()
+        );
     }
 }
 
