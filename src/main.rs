@@ -175,26 +175,10 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("shorthorn: {}", describe(&e));
+            eprintln!("shorthorn: {e:#}");
             std::process::ExitCode::from(kind_of(&e).map_or(1, ErrorKind::exit_code))
         }
     }
-}
-
-/// The error and its causes on one line. Layer errors already name their
-/// cause in their message, so a cause whose text is already there is skipped.
-fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 /// The kind of the first layer error found in the chain, if any.

@@ -1,4 +1,5 @@
-//! Byte quantities as users write them on the command line.
+//! Byte quantities as users write them on the command line, and the range
+//! check every layer applies to I/O requests.
 //!
 //! Accepts a plain byte count (`1073741824`) or a Kubernetes-style quantity
 //! with a binary (`Ki Mi Gi Ti Pi Ei`) or decimal (`k M G T P E`) suffix, the
@@ -44,9 +45,53 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))
 }
 
+/// Why an I/O request's range is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentError {
+    /// Offset or length not a multiple of the alignment, or length zero.
+    Misaligned,
+    /// The range reaches past the end of the volume.
+    PastEnd,
+}
+
+/// Checks that `[offset, offset+len)` is a non-empty, `align`-aligned range
+/// inside a volume of `size` bytes. The one rule every layer applies to I/O
+/// before touching anything.
+pub fn check_extent(offset: u64, len: u64, size: u64, align: u64) -> Result<(), ExtentError> {
+    if offset % align != 0 || len % align != 0 || len == 0 {
+        return Err(ExtentError::Misaligned);
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ExtentError::PastEnd),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{check_extent, parse_size, ExtentError};
+
+    #[test]
+    fn extents_are_checked_for_alignment_and_end() {
+        assert_eq!(check_extent(4096, 4096, 8192, 4096), Ok(()));
+        assert_eq!(
+            check_extent(512, 4096, 8192, 4096),
+            Err(ExtentError::Misaligned)
+        );
+        assert_eq!(check_extent(0, 0, 8192, 4096), Err(ExtentError::Misaligned));
+        assert_eq!(
+            check_extent(4096, 8192, 8192, 4096),
+            Err(ExtentError::PastEnd)
+        );
+        assert_eq!(
+            check_extent(u64::MAX - 4095, 8192, u64::MAX, 4096),
+            Err(ExtentError::PastEnd)
+        );
+        assert_eq!(
+            check_extent(1 << 63, 1 << 63, u64::MAX, 4096),
+            Err(ExtentError::PastEnd)
+        );
+    }
 
     #[test]
     fn quantities() {

@@ -118,13 +118,10 @@ async fn workload(
 }
 
 async fn verify(v: &Volume, model: &HashMap<u64, u32>) {
-    let data = v.read(0, SIZE.min(8 << 20)).await.unwrap();
-    let mut all = data;
-    let mut off = all.len() as u64;
-    while off < SIZE {
-        let n = (SIZE - off).min(8 << 20);
-        all.extend(v.read(off, n).await.unwrap());
-        off += n;
+    let chunk = 8u64 << 20;
+    let mut all = Vec::with_capacity(SIZE as usize);
+    for off in (0..SIZE).step_by(chunk as usize) {
+        all.extend(v.read(off, chunk.min(SIZE - off)).await.unwrap());
     }
     for b in 0..BLOCKS {
         let got = &all[(b * 4096) as usize..((b + 1) * 4096) as usize];

@@ -49,9 +49,25 @@ fn a_thousand_snapshots_deep_chain() {
         .collect();
     assert_eq!(touched, vec![(0, 1)], "only the bottom layer is read, once");
 
-    // A read spanning every layer reads each once, in one pass.
+    // A read spanning every layer reads each snapshot layer once, in one pass,
+    // and not the (empty) head.
+    let before = r.layer_reads();
     let mut all = vec![0u8; (SNAPSHOTS * 4096) as usize];
     r.read(0, &mut all).unwrap();
+    let per_layer: Vec<u64> = r
+        .layer_reads()
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert!(
+        per_layer[..SNAPSHOTS as usize].iter().all(|&n| n == 1),
+        "each snapshot layer read once"
+    );
+    assert_eq!(
+        per_layer[SNAPSHOTS as usize], 0,
+        "the empty head is not read"
+    );
     for i in 0..SNAPSHOTS {
         assert_eq!(
             &all[(i * 4096) as usize..((i + 1) * 4096) as usize],

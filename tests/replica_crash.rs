@@ -227,34 +227,53 @@ async fn workload(c: Client, m: Arc<Mutex<Model>>, seed: u64, tag0: u32) {
             return;
         }
         let roll = next() % 10;
-        if roll < 2 {
+        let done = if roll < 2 {
             nsnap += 1;
             let name = format!("s{seed:x}-{nsnap}");
             let state = m.lock().unwrap().blocks.clone();
-            m.lock().unwrap().snap_in_flight = Some((name.clone(), true, state.clone()));
-            if c.snapshot(&name, Default::default()).await.is_err() {
-                return;
-            }
-            let mut g = m.lock().unwrap();
-            g.snap_in_flight = None;
-            g.snaps.insert(name, state);
+            let op = c.snapshot(&name, Default::default());
+            snapshot_op(&m, name.clone(), Some(state), op).await
         } else if roll == 2 {
             let victim = {
                 let g = m.lock().unwrap();
                 let n = g.snaps.len() as u64;
                 (n > 0).then(|| g.snaps.keys().nth((next() % n) as usize).unwrap().clone())
             };
-            if let Some(name) = victim {
-                m.lock().unwrap().snap_in_flight = Some((name.clone(), false, HashMap::new()));
-                if c.remove_snapshot(&name).await.is_err() {
-                    return;
-                }
-                let mut g = m.lock().unwrap();
-                g.snap_in_flight = None;
-                g.snaps.remove(&name);
+            match victim {
+                Some(name) => snapshot_op(&m, name.clone(), None, c.remove_snapshot(&name)).await,
+                None => true,
             }
+        } else {
+            true
+        };
+        if !done {
+            return;
         }
     }
+}
+
+/// Runs a snapshot create (`state` is what it will show) or remove (`None`),
+/// recording it as in flight until acknowledged. False if the replica died.
+async fn snapshot_op(
+    m: &Mutex<Model>,
+    name: String,
+    state: Option<HashMap<u64, u32>>,
+    op: impl std::future::Future<Output = Result<(), shorthorn::replica::client::ClientError>>,
+) -> bool {
+    let create = state.is_some();
+    let shown = state.unwrap_or_default();
+    m.lock().unwrap().snap_in_flight = Some((name.clone(), create, shown.clone()));
+    if op.await.is_err() {
+        return false;
+    }
+    let mut g = m.lock().unwrap();
+    g.snap_in_flight = None;
+    if create {
+        g.snaps.insert(name, shown);
+    } else {
+        g.snaps.remove(&name);
+    }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,12 +22,12 @@ pub enum Error {
     #[error("a volume needs at least one replica")]
     NoReplicas,
     /// Talking to a replica failed while opening the volume.
-    #[error("replica {addr}: {source}")]
+    #[error("replica {addr}: {cause}")]
     Replica {
         /// The replica.
         addr: String,
         /// Cause.
-        source: ClientError,
+        cause: ClientError,
     },
     /// A replica holds a volume of another size.
     #[error("replica {addr} has size {replica} but the volume is {volume} bytes")]
@@ -75,7 +75,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::NoReplicas | Self::Misaligned { .. } => ErrorKind::InvalidArgument,
-            Self::Replica { source, .. } => source.kind(),
+            Self::Replica { cause, .. } => cause.kind(),
             Self::SizeMismatch { .. } => ErrorKind::FailedPrecondition,
             Self::OutOfRange { .. } => ErrorKind::OutOfRange,
             Self::Refused { kind, .. } => *kind,

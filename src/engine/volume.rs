@@ -24,6 +24,8 @@ use serde::Serialize;
 use super::Error;
 use crate::error::ErrorKind;
 use crate::replica::client::{Client, ClientError};
+use crate::replica::extents::BLOCK_SIZE;
+use crate::units::{check_extent, ExtentError};
 
 /// How long one replica request may take before the replica is failed. A
 /// replica that stops answering (SIGSTOP, a hung disk) must not hang the
@@ -120,13 +122,13 @@ impl Volume {
         for addr in addrs {
             let client = Client::connect_with_timeout(addr, timeout)
                 .await
-                .map_err(|source| Error::Replica {
+                .map_err(|cause| Error::Replica {
                     addr: addr.clone(),
-                    source,
+                    cause,
                 })?;
-            let info = client.info().await.map_err(|source| Error::Replica {
+            let info = client.info().await.map_err(|cause| Error::Replica {
                 addr: addr.clone(),
-                source,
+                cause,
             })?;
             if info.size != size {
                 return Err(Error::SizeMismatch {
@@ -178,17 +180,14 @@ impl Volume {
     }
 
     fn check_io(&self, offset: u64, len: u64) -> Result<(), Error> {
-        if offset % 4096 != 0 || len % 4096 != 0 || len == 0 {
-            return Err(Error::Misaligned { offset, len });
-        }
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::OutOfRange {
+        check_extent(offset, len, self.size, BLOCK_SIZE).map_err(|e| match e {
+            ExtentError::Misaligned => Error::Misaligned { offset, len },
+            ExtentError::PastEnd => Error::OutOfRange {
                 offset,
                 len,
                 size: self.size,
-            }),
-        }
+            },
+        })
     }
 
     /// Sends the same request to every read-write replica at once and fails

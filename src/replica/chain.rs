@@ -17,7 +17,7 @@
 //! leftovers of an interrupted sequence are recognised and cleaned at open
 //! (`State::load`). See `docs/format.md` for each operation's step list.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io;
 use std::ops::Range;
@@ -28,9 +28,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use super::extents::{ExtentSet, View, BLOCK_SIZE};
-use super::layer::Layer;
+use super::layer::{self, Layer};
 use super::meta::{self, DiskMeta, VolumeMeta};
 use super::{Error, Result};
+use crate::units::{check_extent, ExtentError};
 
 /// Chunk size of the per-extent checksums [`Replica::extents`] reports.
 /// Chunks are aligned in volume space, so two replicas holding the same data
@@ -147,7 +148,7 @@ pub struct ExtentPage {
 
 fn io_err(file: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
     let file = file.into();
-    move |source| Error::LayerIo { file, source }
+    move |cause| Error::LayerIo { file, cause }
 }
 
 fn meta_name(file: &str) -> String {
@@ -160,12 +161,10 @@ impl Replica {
     /// existing one.
     pub fn open(dir: &Path, create_size: Option<u64>) -> Result<Self> {
         let meta_path = dir.join(meta::VOLUME_META);
-        let exists = meta_path
-            .try_exists()
-            .map_err(|source| Error::OpenReplica {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
+        let exists = meta_path.try_exists().map_err(|cause| Error::OpenReplica {
+            dir: dir.to_path_buf(),
+            cause,
+        })?;
         if !exists {
             let size = create_size.ok_or_else(|| Error::NoReplica {
                 dir: dir.to_path_buf(),
@@ -196,9 +195,9 @@ impl Replica {
 
     fn create(dir: &Path, size: u64) -> Result<()> {
         check_size(size)?;
-        let open_err = |source| Error::OpenReplica {
+        let open_err = |cause| Error::OpenReplica {
             dir: dir.to_path_buf(),
-            source,
+            cause,
         };
         fs::create_dir_all(dir).map_err(open_err)?;
         if let Some(parent) = dir.parent() {
@@ -229,19 +228,8 @@ impl Replica {
                     ),
                 });
             }
-            drop(l);
-            fs::remove_file(dir.join(&head)).map_err(io_err(&head))?;
         }
-        Layer::create(&dir.join(&head), size).map_err(io_err(&head))?;
-        let disk = DiskMeta {
-            name: head.clone(),
-            parent: String::new(),
-            removed: false,
-            user_created: false,
-            created: meta::now_rfc3339(),
-            labels: None,
-        };
-        write_meta(dir, &meta_name(&head), &meta::encode_disk(&disk))?;
+        create_head(dir, &head, "", size)?;
         write_meta(dir, meta::REVISION_COUNTER, &meta::encode_revision(0))?;
         let vm = VolumeMeta {
             size,
@@ -344,7 +332,7 @@ impl Replica {
             st.resync_head(blocks);
             return Err(Error::LayerIo {
                 file: st.names[h].clone(),
-                source: e,
+                cause: e,
             });
         }
         crate::failpoint!("write.data-written");
@@ -375,7 +363,7 @@ impl Replica {
                 st.resync_head(blocks);
                 return Err(Error::LayerIo {
                     file: st.names[h].clone(),
-                    source: e,
+                    cause: e,
                 });
             }
         }
@@ -461,9 +449,10 @@ impl Replica {
         meta::validate_snapshot_name(name).map_err(Error::InvalidName)?;
         let label_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
         if label_bytes > MAX_LABEL_BYTES {
-            return Err(Error::InvalidName(format!(
-                "snapshot labels take {label_bytes} bytes; at most {MAX_LABEL_BYTES} are allowed"
-            )));
+            return Err(Error::LabelsTooLarge {
+                bytes: label_bytes,
+                max: MAX_LABEL_BYTES,
+            });
         }
         let mut st = self.write_state();
         let snap = meta::snap_file_name(name);
@@ -520,12 +509,7 @@ impl Replica {
         crate::failpoint!("snapshot.committed");
 
         // In memory: the head's extents become the snapshot's.
-        let mut head_set = ExtentSet::new();
-        for (r, l) in lock(&st.view).iter() {
-            if l as usize == h {
-                head_set.add(r);
-            }
-        }
+        let head_set = st.head_extents();
         for r in head_set.ranges() {
             st.lower.add(r);
         }
@@ -616,19 +600,7 @@ impl Replica {
             None => return Err(Error::SnapshotNotFound { name: name.into() }),
         }
         // The chain below the target must be whole before we commit to it.
-        let mut cur = snap.clone();
-        for _ in 0..=st.disks.len() {
-            match st.disks.get(&cur) {
-                Some(m) if m.parent.is_empty() => break,
-                Some(m) => cur = m.parent.clone(),
-                None => {
-                    return Err(Error::ChainBroken {
-                        layer: snap,
-                        parent: cur,
-                    })
-                }
-            }
-        }
+        walk_chain(&st.disks, &snap)?;
         let old_head = st.meta.head.clone();
         let new_head = meta::head_file_name(st.next_head);
         if let Err(e) = create_head(&self.dir, &new_head, &snap, st.meta.size) {
@@ -726,10 +698,7 @@ impl Replica {
                 continue;
             };
             let allocated = fs::metadata(self.dir.join(&file))
-                .map(|md| {
-                    use std::os::unix::fs::MetadataExt;
-                    md.blocks() * 512
-                })
+                .map(|md| layer::allocated_bytes(&md))
                 .map_err(io_err(&file))?;
             out.push(LayerInfo {
                 name: meta::parse_snap_file_name(&file)
@@ -770,13 +739,7 @@ impl Replica {
         let (handle, set): (Arc<Layer>, ExtentSet) =
             if let Some(i) = st.names.iter().position(|n| *n == file) {
                 let set = if i + 1 == st.chain.len() {
-                    let mut s = ExtentSet::new();
-                    for (r, l) in lock(&st.view).iter() {
-                        if l as usize == i {
-                            s.add(r);
-                        }
-                    }
-                    s
+                    st.head_extents()
                 } else {
                     st.extents[i].clone()
                 };
@@ -834,30 +797,17 @@ impl Replica {
     /// for the index, used by the tests after every operation.
     pub fn check_index(&self) -> Result<(), String> {
         let st = self.read_state();
-        let size = st.meta.size;
-        let mut view = View::new();
-        let mut lower = ExtentSet::new();
-        for (i, layer) in st.chain.iter().enumerate() {
-            let set = layer.scan_extents(size).map_err(|e| e.to_string())?;
-            if i + 1 < st.chain.len() {
-                if set != st.extents[i] {
-                    return Err(format!("extents of {} differ from its file", st.names[i]));
-                }
-                for r in set.ranges() {
-                    lower.add(r);
-                }
-            }
-            for r in set.ranges() {
-                view.insert(r, head_index(i));
-            }
+        let files = build_index(&st.chain, &st.names, st.meta.size).map_err(|e| e.to_string())?;
+        if let Some(i) = (0..files.extents.len()).find(|&i| files.extents[i] != st.extents[i]) {
+            return Err(format!("extents of {} differ from its file", st.names[i]));
         }
-        if lower != st.lower {
+        if files.lower != st.lower {
             return Err("union of snapshot extents is stale".into());
         }
         let mem = lock(&st.view);
-        if *mem != view {
+        if *mem != files.view {
             let a: Vec<_> = mem.iter().collect();
-            let b: Vec<_> = view.iter().collect();
+            let b: Vec<_> = files.view.iter().collect();
             return Err(format!("view differs: memory {a:?} files {b:?}"));
         }
         Ok(())
@@ -870,6 +820,19 @@ impl Replica {
 }
 
 impl State {
+    /// The head's data extents: the view's entries that name the head
+    /// (nothing shadows the head, so they are exactly its data).
+    fn head_extents(&self) -> ExtentSet {
+        let h = self.chain.len() - 1;
+        let mut set = ExtentSet::new();
+        for (r, l) in lock(&self.view).iter() {
+            if l as usize == h {
+                set.add(r);
+            }
+        }
+        set
+    }
+
     /// Re-reads which blocks of `blocks` the head file holds and makes the
     /// view agree, after a failed write or unmap left the file's content
     /// unknown. If even that fails the view keeps its old entries for the
@@ -902,9 +865,9 @@ impl State {
     /// operation left, and builds the index from the layer files.
     fn load(dir: &Path, at_open: bool) -> Result<Self> {
         let read = |name: &str| -> Result<Vec<u8>> {
-            fs::read(dir.join(name)).map_err(|source| Error::MetaIo {
+            fs::read(dir.join(name)).map_err(|cause| Error::MetaIo {
                 file: name.into(),
-                source,
+                cause,
             })
         };
         let vm =
@@ -918,19 +881,21 @@ impl State {
             ));
         }
         check_filesystem(dir)?;
-        let head_path = dir.join(&vm.head);
-        let head = Layer::open(&head_path).map_err(io_err(&vm.head))?;
+        let head = Layer::open(&dir.join(&vm.head)).map_err(io_err(&vm.head))?;
         let head_id = head.identity().map_err(io_err(&vm.head))?;
+        // Every layer file is opened once, here, and the chain takes its
+        // handles from this map.
+        let mut opened: HashMap<String, Layer> = HashMap::new();
 
         let mut files: Vec<String> = Vec::new();
-        let entries = fs::read_dir(dir).map_err(|source| Error::OpenReplica {
+        let entries = fs::read_dir(dir).map_err(|cause| Error::OpenReplica {
             dir: dir.to_path_buf(),
-            source,
+            cause,
         })?;
         for e in entries {
-            let e = e.map_err(|source| Error::OpenReplica {
+            let e = e.map_err(|cause| Error::OpenReplica {
                 dir: dir.to_path_buf(),
-                source,
+                cause,
             })?;
             if let Some(n) = e.file_name().to_str() {
                 files.push(n.to_owned());
@@ -975,14 +940,15 @@ impl State {
                             reason: e.to_string(),
                         })?;
                         disks.insert(f.clone(), m);
+                        opened.insert(f.clone(), l);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         tracing::warn!(file = %f, "snapshot file without metadata ignored");
                     }
-                    Err(source) => {
+                    Err(cause) => {
                         return Err(Error::MetaIo {
                             file: meta_name(f),
-                            source,
+                            cause,
                         })
                     }
                 }
@@ -1003,6 +969,7 @@ impl State {
             },
         };
         disks.insert(vm.head.clone(), head_meta);
+        opened.insert(vm.head.clone(), head);
 
         // Finish interrupted removals: removed snapshots nothing depends on.
         loop {
@@ -1016,51 +983,23 @@ impl State {
             changed = true;
         }
 
-        // The active chain, from the head down.
-        let mut names = vec![vm.head.clone()];
-        let mut cur = disks[&vm.head].parent.clone();
-        while !cur.is_empty() {
-            if names.len() > disks.len() {
-                return Err(Error::MetaCorrupt {
-                    file: meta_name(&vm.head),
-                    reason: "the parent links form a cycle".into(),
-                });
-            }
-            let Some(m) = disks.get(&cur) else {
-                return Err(Error::ChainBroken {
-                    layer: names.last().cloned().unwrap_or_default(),
-                    parent: cur,
-                });
-            };
-            names.push(cur.clone());
-            cur = m.parent.clone();
-        }
+        // The active chain, bottom first.
+        let mut names = walk_chain(&disks, &vm.head)?;
         names.reverse();
-
-        let size = vm.size;
         let mut chain = Vec::with_capacity(names.len());
-        let mut extents = Vec::with_capacity(names.len());
-        let mut lower = ExtentSet::new();
-        let mut view = View::new();
-        for (i, n) in names.iter().enumerate() {
-            let layer = if *n == vm.head {
-                head.reopen().map_err(io_err(n))?
-            } else {
-                Layer::open(&dir.join(n)).map_err(io_err(n))?
-            };
-            let set = layer.scan_extents(size).map_err(io_err(n))?;
-            let idx = u32::try_from(i).map_err(|_| Error::Unsupported("chain too long".into()))?;
-            for r in set.ranges() {
-                view.insert(r, idx);
-            }
-            if i + 1 < names.len() {
-                for r in set.ranges() {
-                    lower.add(r);
-                }
-                extents.push(set);
-            }
+        for n in &names {
+            let layer = opened.remove(n).ok_or_else(|| Error::ChainBroken {
+                layer: vm.head.clone(),
+                parent: n.clone(),
+            })?;
             chain.push(Arc::new(layer));
         }
+        let size = vm.size;
+        let Index {
+            extents,
+            lower,
+            view,
+        } = build_index(&chain, &names, size)?;
         let h = chain.last().expect("chain has a head");
         if h.file_len().map_err(io_err(&vm.head))? < size {
             // An expansion whose volume.meta commit happened but not the resize
@@ -1068,9 +1007,9 @@ impl State {
             h.set_len(size).map_err(io_err(&vm.head))?;
         }
         if changed {
-            meta::sync_dir(dir).map_err(|source| Error::MetaIo {
+            meta::sync_dir(dir).map_err(|cause| Error::MetaIo {
                 file: ".".into(),
-                source,
+                cause,
             })?;
         }
         Ok(Self {
@@ -1092,7 +1031,7 @@ impl State {
 fn check_filesystem(dir: &Path) -> Result<()> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::OpenReplica {
         dir: dir.to_path_buf(),
-        source: e.into(),
+        cause: e.into(),
     })?;
     let unit = st.fragment_size();
     if unit == 0 || unit > BLOCK_SIZE || BLOCK_SIZE % unit != 0 {
@@ -1135,6 +1074,69 @@ fn read_in(st: &State, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool
     Ok(true)
 }
 
+/// The layer `start` and its ancestors, `start` first, following the parent
+/// links in `disks`; fails on a missing parent or a cycle.
+fn walk_chain(disks: &BTreeMap<String, DiskMeta>, start: &str) -> Result<Vec<String>> {
+    let mut names = vec![start.to_owned()];
+    let mut cur = disks
+        .get(start)
+        .map(|m| m.parent.clone())
+        .unwrap_or_default();
+    while !cur.is_empty() {
+        if names.len() > disks.len() {
+            return Err(Error::MetaCorrupt {
+                file: meta_name(start),
+                reason: "the parent links form a cycle".into(),
+            });
+        }
+        let Some(m) = disks.get(&cur) else {
+            return Err(Error::ChainBroken {
+                layer: names.last().cloned().unwrap_or_default(),
+                parent: cur,
+            });
+        };
+        names.push(cur.clone());
+        cur = m.parent.clone();
+    }
+    Ok(names)
+}
+
+/// The index of a chain, read from its files.
+struct Index {
+    /// Data extents of each snapshot layer (all but the head).
+    extents: Vec<ExtentSet>,
+    /// Their union.
+    lower: ExtentSet,
+    /// Block -> topmost layer holding it.
+    view: View,
+}
+
+/// Scans every layer of `chain` (bottom first) with SEEK_DATA and builds
+/// its index; `names` are the layers' file names, for errors.
+fn build_index(chain: &[Arc<Layer>], names: &[String], size: u64) -> Result<Index> {
+    if u32::try_from(chain.len()).is_err() {
+        return Err(Error::Unsupported("chain too long".into()));
+    }
+    let mut index = Index {
+        extents: Vec::with_capacity(chain.len()),
+        lower: ExtentSet::new(),
+        view: View::new(),
+    };
+    for (i, (layer, name)) in chain.iter().zip(names).enumerate() {
+        let set = layer.scan_extents(size).map_err(io_err(name))?;
+        for r in set.ranges() {
+            index.view.insert(r, head_index(i));
+        }
+        if i + 1 < chain.len() {
+            for r in set.ranges() {
+                index.lower.add(r);
+            }
+            index.extents.push(set);
+        }
+    }
+    Ok(index)
+}
+
 fn head_index(h: usize) -> u32 {
     u32::try_from(h).expect("chain length is bounded by u32 at load")
 }
@@ -1152,12 +1154,10 @@ fn check_size(size: u64) -> Result<()> {
 
 /// Validates an I/O request and returns its block range.
 fn check_io(offset: u64, len: u64, size: u64) -> Result<Range<u64>> {
-    if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 || len == 0 {
-        return Err(Error::Misaligned { offset, len });
-    }
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(offset / BLOCK_SIZE..end / BLOCK_SIZE),
-        _ => Err(Error::ExtentOutOfRange { offset, len, size }),
+    match check_extent(offset, len, size, BLOCK_SIZE) {
+        Ok(()) => Ok(offset / BLOCK_SIZE..(offset + len) / BLOCK_SIZE),
+        Err(ExtentError::Misaligned) => Err(Error::Misaligned { offset, len }),
+        Err(ExtentError::PastEnd) => Err(Error::ExtentOutOfRange { offset, len, size }),
     }
 }
 
@@ -1168,17 +1168,17 @@ fn read_revision(dir: &Path) -> Result<u64> {
             reason: e.to_string(),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-        Err(source) => Err(Error::MetaIo {
+        Err(cause) => Err(Error::MetaIo {
             file: meta::REVISION_COUNTER.into(),
-            source,
+            cause,
         }),
     }
 }
 
 fn write_meta(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    meta::write_atomic(dir, name, bytes).map_err(|source| Error::MetaIo {
+    meta::write_atomic(dir, name, bytes).map_err(|cause| Error::MetaIo {
         file: name.into(),
-        source,
+        cause,
     })
 }
 
@@ -1207,12 +1207,12 @@ fn remove_layer_files(dir: &Path, file: &str) -> Result<()> {
         match fs::remove_file(dir.join(&f)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(Error::MetaIo { file: f, source }),
+            Err(cause) => return Err(Error::MetaIo { file: f, cause }),
         }
     }
-    meta::sync_dir(dir).map_err(|source| Error::MetaIo {
+    meta::sync_dir(dir).map_err(|cause| Error::MetaIo {
         file: ".".into(),
-        source,
+        cause,
     })
 }
 

@@ -42,12 +42,12 @@ const TCP_USER_TIMEOUT_MS: u32 = 15_000;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting failed.
-    #[error("connecting to replica {addr}: {source}")]
+    #[error("connecting to replica {addr}: {cause}")]
     ConnectReplica {
         /// The address.
         addr: String,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// The connection broke before the answer came.
     #[error("connection to replica lost")]
@@ -130,9 +130,9 @@ impl Client {
 
     /// Connects with a chosen per-call timeout (also bounds the connect).
     pub async fn connect_with_timeout(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let connect_err = |source| ClientError::ConnectReplica {
+        let connect_err = |cause| ClientError::ConnectReplica {
             addr: addr.into(),
-            source,
+            cause,
         };
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await

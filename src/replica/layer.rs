@@ -13,6 +13,13 @@ use nix::unistd::{lseek, Whence};
 
 use super::extents::{ExtentSet, BLOCK_SIZE};
 
+/// Bytes a file occupies on disk (its 512-byte `st_blocks`), as opposed to
+/// its length.
+pub fn allocated_bytes(md: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    md.blocks() * 512
+}
+
 /// An open layer file. Positional I/O only, so one handle serves many
 /// concurrent requests without a lock.
 #[derive(Debug)]
@@ -47,11 +54,6 @@ impl Layer {
             file,
             reads: AtomicU64::new(0),
         }
-    }
-
-    /// A second handle on the same file (same inode) under a fresh counter.
-    pub fn reopen(&self) -> io::Result<Self> {
-        Ok(Self::from_file(self.file.try_clone()?))
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`.
@@ -132,8 +134,7 @@ impl Layer {
 
     /// Bytes actually allocated on disk.
     pub fn allocated_bytes(&self) -> io::Result<u64> {
-        use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata()?.blocks() * 512)
+        Ok(allocated_bytes(&self.file.metadata()?))
     }
 
     /// How many reads this handle has served.

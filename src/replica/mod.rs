@@ -39,12 +39,12 @@ pub enum Error {
         dir: PathBuf,
     },
     /// The replica directory could not be read or created.
-    #[error("opening replica directory {dir}: {source}")]
+    #[error("opening replica directory {dir}: {cause}")]
     OpenReplica {
         /// The directory.
         dir: PathBuf,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// An existing replica has another size than the one asked for.
     #[error("replica in {dir} has size {actual} bytes but {requested} was requested; use expand to grow it")]
@@ -57,20 +57,20 @@ pub enum Error {
         requested: u64,
     },
     /// I/O on a layer file failed.
-    #[error("i/o on layer {file}: {source}")]
+    #[error("i/o on layer {file}: {cause}")]
     LayerIo {
         /// Layer file name.
         file: String,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// Reading or writing a metadata file failed.
-    #[error("metadata file {file}: {source}")]
+    #[error("metadata file {file}: {cause}")]
     MetaIo {
         /// Metadata file name.
         file: String,
         /// Cause.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A metadata file does not decode.
     #[error("metadata file {file} is corrupt: {reason}")]
@@ -138,6 +138,14 @@ pub enum Error {
         /// Snapshot name.
         name: String,
     },
+    /// Snapshot labels beyond the size limit.
+    #[error("snapshot labels take {bytes} bytes; at most {max} are allowed")]
+    LabelsTooLarge {
+        /// Bytes of keys and values given.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A snapshot name that cannot become a file name.
     #[error("{0}")]
     InvalidName(String),
@@ -161,6 +169,7 @@ impl Error {
             Self::Misaligned { .. }
             | Self::BadSize { .. }
             | Self::InvalidName(_)
+            | Self::LabelsTooLarge { .. }
             | Self::Shrink { .. } => ErrorKind::InvalidArgument,
             Self::ExtentOutOfRange { .. } => ErrorKind::OutOfRange,
             Self::SizeMismatch { .. } | Self::Unsupported(_) | Self::SnapshotRemoving { .. } => {

@@ -113,13 +113,8 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
             Op::Read => hdr.length,
             _ => u64::from(hdr.payload_len),
         };
-        let units = u32::try_from(
-            usize::try_from(bytes)
-                .unwrap_or(usize::MAX)
-                .div_ceil(BUDGET_UNIT)
-                .max(1),
-        )
-        .expect("request sizes are bounded by the header checks");
+        let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT as u64).max(1))
+            .expect("request sizes are bounded by the header checks");
         // Reserve before reading the payload or allocating the answer. Never
         // wait (for budget or for bytes) while holding an undispatched batch:
         // its requests hold budget that only their answers give back.
