@@ -6,9 +6,10 @@
 
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
+mod cluster;
+
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,60 +17,13 @@ use bytes::Bytes;
 use shorthorn::engine::{Health, Mode, Volume};
 use shorthorn::replica::Replica;
 
+use cluster::{content, signal, Proc};
+
 const BLOCKS: u64 = 4096;
 const SIZE: u64 = BLOCKS * 4096;
 
-fn content(block: u64, tag: u32) -> Vec<u8> {
-    let mut b = vec![(tag % 251) as u8 + 1; 4096];
-    b[..8].copy_from_slice(&block.to_le_bytes());
-    b[8..12].copy_from_slice(&tag.to_le_bytes());
-    b
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        signal(&self.0, nix::sys::signal::Signal::SIGCONT);
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(c: &Child, s: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap()),
-        s,
-    );
-}
-
 fn start_replica(dir: &Path) -> (Proc, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-        .args([
-            "replica",
-            "--size",
-            &SIZE.to_string(),
-            "--listen",
-            &addr,
-            "--dir",
-        ])
-        .arg(dir)
-        .env("SHORTHORN_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "replica at {addr} never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Proc(child), addr)
+    cluster::start_replica(dir, SIZE)
 }
 
 /// Writes `count` random single blocks from 8 tasks, never two at once to
@@ -118,7 +72,7 @@ async fn workload(
 }
 
 async fn verify(v: &Volume, model: &HashMap<u64, u32>) {
-    let chunk = 8u64 << 20;
+    let chunk = 4u64 << 20;
     let mut all = Vec::with_capacity(SIZE as usize);
     for off in (0..SIZE).step_by(chunk as usize) {
         all.extend(v.read(off, chunk.min(SIZE - off)).await.unwrap());

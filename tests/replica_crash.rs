@@ -16,9 +16,10 @@
 
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
+mod cluster;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,53 +27,14 @@ use bytes::Bytes;
 use shorthorn::replica::client::Client;
 use shorthorn::replica::Replica;
 
+use cluster::{content, free_addr, Proc};
+
 const BLOCKS: u64 = 2048;
 const SIZE: u64 = BLOCKS * 4096;
 const ROUNDS: usize = 24;
 
-fn content(block: u64, tag: u32) -> Vec<u8> {
-    let mut b = vec![(tag % 251) as u8 + 1; 4096];
-    b[..8].copy_from_slice(&block.to_le_bytes());
-    b[8..12].copy_from_slice(&tag.to_le_bytes());
-    b
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A replica process that is killed when the test lets go of it, even when
-/// the test fails half-way.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_replica(dir: &Path, addr: &str) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-            .args([
-                "replica",
-                "--size",
-                &SIZE.to_string(),
-                "--listen",
-                addr,
-                "--dir",
-            ])
-            .arg(dir)
-            .env("SHORTHORN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn shorthorn replica"),
-    )
+    cluster::spawn_replica(dir, SIZE, addr)
 }
 
 async fn connect(addr: &str) -> Client {
@@ -282,7 +244,7 @@ async fn sigkill_during_writes_and_snapshot_operations_loses_nothing_acknowledge
     let path = dir.path().join("replica");
     let model = Arc::new(Mutex::new(Model::default()));
     for round in 0..ROUNDS {
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = free_addr();
         let mut child = spawn_replica(&path, &addr);
         let c = connect(&addr).await;
         {
@@ -310,7 +272,7 @@ async fn sigkill_during_writes_and_snapshot_operations_loses_nothing_acknowledge
     }
 
     // Final check: head, then every acknowledged snapshot's view.
-    let addr = format!("127.0.0.1:{}", free_port());
+    let addr = free_addr();
     let mut child = spawn_replica(&path, &addr);
     let c = connect(&addr).await;
     let mut m = std::mem::take(&mut *model.lock().unwrap());

@@ -8,12 +8,16 @@
 //! (enforced by `tests/layering.rs`). Frontends call into the engine, never
 //! the other way round.
 
+pub mod intent;
+pub mod ranges;
+mod rebuild;
+mod startup;
 pub mod volume;
 
 use crate::error::ErrorKind;
 use crate::replica::client::ClientError;
 
-pub use volume::{Health, Mode, Volume, VolumeStatus};
+pub use volume::{Health, Mode, Options, Volume, VolumeStatus};
 
 /// Errors of the engine layer.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +43,60 @@ pub enum Error {
         /// The volume's size.
         volume: u64,
     },
-    /// The request is not 4 KiB-aligned or is empty.
-    #[error("request offset {offset} length {len} must be non-empty multiples of 4096 bytes")]
+    /// The same replica was named twice.
+    #[error("replica {addr} is named twice")]
+    DuplicateReplica {
+        /// The replica.
+        addr: String,
+    },
+    /// The replica is already serving this volume.
+    #[error("replica {addr} is already in the volume")]
+    AlreadyMember {
+        /// The replica.
+        addr: String,
+    },
+    /// No replica of that address in the volume.
+    #[error("replica {addr} is not in the volume")]
+    UnknownReplica {
+        /// The replica.
+        addr: String,
+    },
+    /// Replicas the last engine recorded as holding every acknowledged
+    /// write cannot be reached; starting without them could serve old data.
+    #[error("replicas {missing:?} held the volume's latest data when its engine last ran and are not reachable; bring them back (or remove them from the volume) before starting it")]
+    MembersUnavailable {
+        /// Their addresses.
+        missing: Vec<String>,
+    },
+    /// Every reachable replica is stale or being rebuilt.
+    #[error("no replica holds a consistent copy of the volume")]
+    NoConsistentReplica,
+    /// The operation cannot run while a rebuild is under way.
+    #[error("a replica is being rebuilt; retry when it is done")]
+    RebuildInProgress,
+    /// Expansion was asked to make the volume smaller.
+    #[error("cannot shrink the volume from {size} to {requested} bytes")]
+    Shrink {
+        /// Current size.
+        size: u64,
+        /// Requested size.
+        requested: u64,
+    },
+    /// The request is not 512-byte aligned or is empty.
+    #[error("request offset {offset} length {len} must be non-empty multiples of 512 bytes")]
     Misaligned {
         /// Byte offset.
         offset: u64,
         /// Byte length.
         len: u64,
+    },
+    /// The request is larger than one request may be.
+    #[error("request of {len} bytes exceeds the {max}-byte limit; split it")]
+    TooLarge {
+        /// Byte length.
+        len: u64,
+        /// The limit.
+        max: u64,
     },
     /// The request reaches past the end of the volume.
     #[error("request offset {offset} length {len} reaches past the volume size {size}")]
@@ -74,7 +125,15 @@ impl Error {
     /// The kind a boundary maps this error to.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::NoReplicas | Self::Misaligned { .. } => ErrorKind::InvalidArgument,
+            Self::NoReplicas
+            | Self::Misaligned { .. }
+            | Self::DuplicateReplica { .. }
+            | Self::Shrink { .. }
+            | Self::TooLarge { .. } => ErrorKind::InvalidArgument,
+            Self::AlreadyMember { .. } => ErrorKind::AlreadyExists,
+            Self::UnknownReplica { .. } => ErrorKind::NotFound,
+            Self::MembersUnavailable { .. } | Self::NoConsistentReplica => ErrorKind::Unavailable,
+            Self::RebuildInProgress => ErrorKind::FailedPrecondition,
             Self::Replica { cause, .. } => cause.kind(),
             Self::SizeMismatch { .. } => ErrorKind::FailedPrecondition,
             Self::OutOfRange { .. } => ErrorKind::OutOfRange,

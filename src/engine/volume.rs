@@ -3,26 +3,38 @@
 //! Invariants:
 //! - A write, unmap or flush is acknowledged only when every replica in
 //!   read-write mode acknowledged it. A replica that errs or times out is
-//!   marked failed *before* the acknowledgement, so an acknowledged write is
-//!   on every replica still in the set.
-//! - Reads go to one read-write replica, rotating; a failing one is marked
-//!   failed and the read is retried on the next.
+//!   marked failed *and the surviving replicas have recorded the new
+//!   membership epoch* before the acknowledgement, so an acknowledged write
+//!   is on every replica an engine restarting after a crash would trust.
+//! - Write-only replicas (being rebuilt) receive every write too; they serve
+//!   no reads, and their failure fails no request.
+//! - Before a write leaves the engine, the write-intent regions it touches
+//!   are marked on every replica ([`super::intent`]); after an engine crash,
+//!   only marked regions can differ and only they are resynced.
+//! - Snapshots, expansion and rebuild start hold the I/O gate: new I/O
+//!   waits, in-flight I/O drains, every replica sees the same sequence.
+//! - Reads go to one read-write replica, rotating; a failing one is failed
+//!   and the read retried on the next.
 //! - With no read-write replica left the volume is faulted and every request
 //!   fails at once; nothing waits forever (each replica call has a timeout).
-//!
-//! Not yet here (issue 3 continues): sub-4 KiB requests, start-up consistency
-//! checks, write-intent resync, rebuild, snapshots, the control API.
+//! - Requests need only 512-byte alignment; a partial 4 KiB block is
+//!   read-modify-written under an exclusive lock on the block
+//!   ([`super::ranges`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use serde::Serialize;
 
+use super::intent::{Intent, DEFAULT_REGION_BYTES};
+use super::ranges::RangeLocks;
 use super::Error;
 use crate::error::ErrorKind;
+use crate::replica::chain::LayerInfo;
 use crate::replica::client::{Client, ClientError};
 use crate::replica::extents::BLOCK_SIZE;
 use crate::units::{check_extent, ExtentError};
@@ -32,9 +44,51 @@ use crate::units::{check_extent, ExtentError};
 /// volume; a flush of a large head can legitimately take seconds.
 pub const REPLICA_IO_TIMEOUT: Duration = Duration::from_secs(8);
 
-/// Errors that blame the request, not the replica that reported them.
+/// Smallest unit of a request: the logical sector size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Largest read, write or unmap one request may carry (frontends split
+/// larger transfers; iSCSI announces it as the maximum transfer length).
+pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
+
+/// I/O errors that blame the request, not the replica that reported them.
 fn is_request_error(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::InvalidArgument | ErrorKind::OutOfRange)
+}
+
+/// Control-operation errors that refuse the request (a name taken or
+/// unknown, a state that does not allow it) rather than blame the replica.
+fn is_refusal(kind: ErrorKind) -> bool {
+    is_request_error(kind)
+        || matches!(
+            kind,
+            ErrorKind::AlreadyExists | ErrorKind::NotFound | ErrorKind::FailedPrecondition
+        )
+}
+
+/// Tunables of a volume.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Per-request replica timeout.
+    pub timeout: Duration,
+    /// Connections opened to each replica (a replica serves each connection
+    /// on one task, so more than one spreads its work over cores).
+    pub connections: usize,
+    /// Rebuild copy rate limit in bytes per second (0: unlimited).
+    pub rebuild_bytes_per_sec: u64,
+    /// Write-intent region size.
+    pub region_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            timeout: REPLICA_IO_TIMEOUT,
+            connections: 2,
+            rebuild_bytes_per_sec: 200 << 20,
+            region_bytes: DEFAULT_REGION_BYTES,
+        }
+    }
 }
 
 /// A replica's place in the volume.
@@ -43,7 +97,9 @@ fn is_request_error(kind: ErrorKind) -> bool {
 pub enum Mode {
     /// Receives writes and serves reads.
     ReadWrite,
-    /// Dropped after an error; receives nothing.
+    /// Being rebuilt: receives writes, serves no reads.
+    WriteOnly,
+    /// Dropped after an error, or stale; receives nothing.
     Failed,
 }
 
@@ -53,10 +109,29 @@ pub enum Mode {
 pub enum Health {
     /// Every replica is read-write.
     Healthy,
-    /// Some replicas failed; at least one serves.
+    /// Some replicas are not read-write; at least one serves.
     Degraded,
     /// No replica serves; I/O fails.
     Faulted,
+}
+
+/// Progress of a rebuild.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    pub(super) done: AtomicU64,
+    pub(super) total: AtomicU64,
+    pub(super) copied: AtomicU64,
+}
+
+/// A rebuild as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RebuildStatus {
+    /// Bytes compared or copied so far.
+    pub done_bytes: u64,
+    /// Bytes the source's layers hold.
+    pub total_bytes: u64,
+    /// Bytes that differed and were copied.
+    pub copied_bytes: u64,
 }
 
 /// One replica as `status` reports it.
@@ -68,6 +143,8 @@ pub struct ReplicaStatus {
     pub mode: Mode,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// Progress of the replica's last rebuild (final once it is read-write).
+    pub rebuild: Option<RebuildStatus>,
 }
 
 /// What `status` reports.
@@ -79,33 +156,74 @@ pub struct VolumeStatus {
     pub size: u64,
     /// Health.
     pub health: Health,
+    /// Membership epoch recorded on the read-write replicas.
+    pub epoch: u64,
+    /// Write-intent regions marked.
+    pub intent_regions: usize,
     /// Every replica.
     pub replicas: Vec<ReplicaStatus>,
 }
 
 #[derive(Debug)]
-struct Slot {
-    addr: String,
-    client: Client,
-    mode: Mode,
-    error: Option<String>,
+pub(super) struct Slot {
+    pub(super) addr: String,
+    pub(super) conns: Vec<Client>,
+    pub(super) mode: Mode,
+    pub(super) error: Option<String>,
+    pub(super) rebuild: Option<Arc<Progress>>,
+}
+
+impl Slot {
+    fn client(&self, seq: usize) -> Client {
+        self.conns[seq % self.conns.len()].clone()
+    }
+
+    pub(super) fn control(&self) -> Client {
+        self.conns[0].clone()
+    }
 }
 
 /// One volume, mirrored.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Volume {
-    name: String,
-    size: u64,
-    slots: Mutex<Vec<Slot>>,
+    pub(super) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) name: String,
+    pub(super) size: AtomicU64,
+    pub(super) opts: Options,
+    pub(super) slots: Mutex<Vec<Slot>>,
+    /// Held shared by every request, exclusively by operations that need
+    /// the replicas quiet (snapshot, expand, rebuild start and promotion).
+    pub(super) gate: tokio::sync::RwLock<()>,
+    /// Bumped by every membership change; `epoch_done` is the generation
+    /// the replicas have recorded.
+    pub(super) generation: AtomicU64,
+    pub(super) epoch_done: AtomicU64,
+    /// Current epoch and the lock serialising its updates.
+    pub(super) epoch: tokio::sync::Mutex<u64>,
+    pub(super) epoch_now: AtomicU64,
+    pub(super) intent: Mutex<Intent>,
+    /// Serialises intent updates on the replicas.
+    pub(super) intent_io: tokio::sync::Mutex<()>,
+    pub(super) ranges: RangeLocks,
     next_read: AtomicUsize,
+    next_conn: AtomicUsize,
+    /// Held while a rebuild runs (at most one at a time).
+    pub(super) rebuilding: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Volume {
-    /// Connects to every replica and checks each has the volume's size.
-    /// Fails if any replica is unreachable or disagrees: a volume starts
-    /// only from a complete, consistent set (start-up repair is to come).
+    /// Opens a volume over `addrs` with default options; see
+    /// [`open_with`](Self::open_with).
     pub async fn open(name: &str, size: u64, addrs: &[String]) -> Result<Self, Error> {
-        Self::open_with_timeout(name, size, addrs, REPLICA_IO_TIMEOUT).await
+        Self::open_with(name, size, addrs, Options::default()).await
     }
 
     /// [`open`](Self::open) with a chosen per-request replica timeout.
@@ -115,178 +233,570 @@ impl Volume {
         addrs: &[String],
         timeout: Duration,
     ) -> Result<Self, Error> {
-        if addrs.is_empty() {
-            return Err(Error::NoReplicas);
-        }
-        let mut slots = Vec::with_capacity(addrs.len());
-        for addr in addrs {
-            let client = Client::connect_with_timeout(addr, timeout)
-                .await
-                .map_err(|cause| Error::Replica {
-                    addr: addr.clone(),
-                    cause,
-                })?;
-            let info = client.info().await.map_err(|cause| Error::Replica {
-                addr: addr.clone(),
-                cause,
-            })?;
-            if info.size != size {
-                return Err(Error::SizeMismatch {
-                    addr: addr.clone(),
-                    replica: info.size,
-                    volume: size,
-                });
-            }
-            slots.push(Slot {
-                addr: addr.clone(),
-                client,
-                mode: Mode::ReadWrite,
-                error: None,
-            });
-        }
-        tracing::info!(volume.id = %name, replicas = addrs.len(), "volume open");
-        Ok(Self {
-            name: name.to_owned(),
-            size,
-            slots: Mutex::new(slots),
-            next_read: AtomicUsize::new(0),
-        })
+        let opts = Options {
+            timeout,
+            ..Options::default()
+        };
+        Self::open_with(name, size, addrs, opts).await
     }
 
-    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The read-write replicas' clients, with their index.
-    fn writable(&self) -> Vec<(usize, Client)> {
-        self.slots()
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.mode == Mode::ReadWrite)
-            .map(|(i, s)| (i, s.client.clone()))
-            .collect()
-    }
-
-    fn fail(&self, i: usize, e: &ClientError) {
-        let mut slots = self.slots();
-        let s = &mut slots[i];
-        if s.mode != Mode::Failed {
-            tracing::error!(volume.id = %self.name, replica.addr = %s.addr, error = %e, "replica failed");
-            s.mode = Mode::Failed;
-            s.error = Some(e.to_string());
-            // Stop talking to it at once; in-flight calls fail fast.
-            s.client.shutdown();
+    pub(super) fn new(name: &str, size: u64, opts: Options, slots: Vec<Slot>, epoch: u64) -> Self {
+        let region = opts.region_bytes;
+        Self {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                size: AtomicU64::new(size),
+                opts,
+                slots: Mutex::new(slots),
+                gate: tokio::sync::RwLock::new(()),
+                generation: AtomicU64::new(0),
+                epoch_done: AtomicU64::new(0),
+                epoch: tokio::sync::Mutex::new(epoch),
+                epoch_now: AtomicU64::new(epoch),
+                intent: Mutex::new(Intent::new(region)),
+                intent_io: tokio::sync::Mutex::new(()),
+                ranges: RangeLocks::default(),
+                next_read: AtomicUsize::new(0),
+                next_conn: AtomicUsize::new(0),
+                rebuilding: Arc::new(tokio::sync::Mutex::new(())),
+            }),
         }
+    }
+
+    /// Volume name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size.load(Ordering::SeqCst)
     }
 
     fn check_io(&self, offset: u64, len: u64) -> Result<(), Error> {
-        check_extent(offset, len, self.size, BLOCK_SIZE).map_err(|e| match e {
-            ExtentError::Misaligned => Error::Misaligned { offset, len },
-            ExtentError::PastEnd => Error::OutOfRange {
-                offset,
+        if len > MAX_REQUEST_BYTES {
+            return Err(Error::TooLarge {
                 len,
-                size: self.size,
-            },
+                max: MAX_REQUEST_BYTES,
+            });
+        }
+        let size = self.size();
+        check_extent(offset, len, size, SECTOR_SIZE).map_err(|e| match e {
+            ExtentError::Misaligned => Error::Misaligned { offset, len },
+            ExtentError::PastEnd => Error::OutOfRange { offset, len, size },
         })
     }
 
-    /// Sends the same request to every read-write replica at once and fails
-    /// those that err. `Ok` only if at least one replica took it and none of
-    /// the ones still read-write missed it.
-    async fn mirror<F, Fut>(&self, op: F) -> Result<(), Error>
-    where
-        F: Fn(Client) -> Fut,
-        Fut: std::future::Future<Output = Result<(), ClientError>>,
-    {
-        let targets = self.writable();
-        if targets.is_empty() {
-            return Err(Error::Faulted);
+    /// Writes `data` at `offset` (512-byte aligned) on every replica.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), Error> {
+        let len = data.len() as u64;
+        self.check_io(offset, len)?;
+        let _g = self.inner.gate.read().await;
+        let (a, b) = block_bounds(offset, len);
+        if a == offset && b == offset + len {
+            let _l = self
+                .inner
+                .ranges
+                .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, false)
+                .await;
+            return self.inner.write_blocks(offset, data).await;
         }
-        let results = join_all(targets.iter().map(|(_, c)| op(c.clone()))).await;
-        let mut ok = 0;
-        let mut last_invalid = None;
-        for ((i, _), r) in targets.iter().zip(results) {
-            match r {
-                Ok(()) => ok += 1,
-                // The request itself is bad: every replica says so; do not
-                // fail a healthy replica over it.
-                Err(ClientError::Remote { kind, message }) if is_request_error(kind) => {
-                    last_invalid = Some((kind, message));
-                }
-                Err(e) => self.fail(*i, &e),
-            }
+        let _l = self
+            .inner
+            .ranges
+            .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, true)
+            .await;
+        let mut buf = self.inner.read_edges(offset, len).await?;
+        let at = usize::try_from(offset - a).expect("inside one block");
+        buf[at..at + data.len()].copy_from_slice(&data);
+        self.inner.write_blocks(a, buf.freeze()).await
+    }
+
+    /// Trims `[offset, offset+len)` (512-byte aligned) on every replica: it
+    /// reads back as zeros. Partial blocks at the edges are zeroed by
+    /// read-modify-write; whole blocks are unmapped.
+    pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.check_io(offset, len)?;
+        let _g = self.inner.gate.read().await;
+        let end = offset + len;
+        let (a, b) = block_bounds(offset, len);
+        if a == offset && b == end {
+            let _l = self
+                .inner
+                .ranges
+                .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, false)
+                .await;
+            return self.inner.unmap_blocks(a, len).await;
         }
-        if let Some((kind, message)) = last_invalid {
-            return Err(Error::Refused { kind, message });
+        let _l = self
+            .inner
+            .ranges
+            .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, true)
+            .await;
+        let mut edges = Vec::new();
+        if offset % BLOCK_SIZE != 0 {
+            edges.push(a);
         }
-        if ok == 0 {
-            return Err(Error::Faulted);
+        if end % BLOCK_SIZE != 0 && edges.last() != Some(&(b - BLOCK_SIZE)) {
+            edges.push(b - BLOCK_SIZE);
+        }
+        for blk in edges {
+            let mut buf = self.inner.read_blocks(blk, BLOCK_SIZE).await?;
+            let from = usize::try_from(offset.max(blk) - blk).expect("inside one block");
+            let to = usize::try_from(end.min(blk + BLOCK_SIZE) - blk).expect("inside one block");
+            buf[from..to].fill(0);
+            self.inner.write_blocks(blk, Bytes::from(buf)).await?;
+        }
+        // The whole blocks inside the range.
+        let (ia, ib) = (
+            offset.next_multiple_of(BLOCK_SIZE),
+            end / BLOCK_SIZE * BLOCK_SIZE,
+        );
+        if ia < ib {
+            self.inner.unmap_blocks(ia, ib - ia).await?;
         }
         Ok(())
     }
 
-    /// Writes `data` at `offset` (4 KiB-aligned) on every read-write replica.
-    pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), Error> {
-        self.check_io(offset, data.len() as u64)?;
-        self.mirror(|c| {
-            let d = data.clone();
-            async move { c.write(offset, d).await }
-        })
-        .await
-    }
-
-    /// Trims a range on every read-write replica.
-    pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), Error> {
-        self.check_io(offset, len)?;
-        self.mirror(|c| async move { c.unmap(offset, len).await })
-            .await
-    }
-
-    /// Makes every acknowledged write durable on every read-write replica.
+    /// Makes every acknowledged write durable on every replica.
     pub async fn flush(&self) -> Result<(), Error> {
-        self.mirror(|c| async move { c.flush().await }).await
+        let _g = self.inner.gate.read().await;
+        self.inner.flush_all().await
     }
 
-    /// Reads from one read-write replica, trying the next if it fails.
+    /// Reads `len` bytes at `offset` (512-byte aligned).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
         self.check_io(offset, len)?;
-        loop {
-            let targets = self.writable();
-            if targets.is_empty() {
-                return Err(Error::Faulted);
-            }
-            let pick = self.next_read.fetch_add(1, Ordering::Relaxed) % targets.len();
-            let (i, c) = &targets[pick];
-            match c.read(offset, len).await {
-                Ok(data) => return Ok(data),
-                Err(ClientError::Remote { kind, message }) if is_request_error(kind) => {
-                    return Err(Error::Refused { kind, message })
-                }
-                Err(e) => self.fail(*i, &e),
-            }
+        let _g = self.inner.gate.read().await;
+        let (a, b) = block_bounds(offset, len);
+        let data = self.inner.read_blocks(a, b - a).await?;
+        if a == offset && b == offset + len {
+            return Ok(data);
         }
+        let at = usize::try_from(offset - a).expect("inside one block");
+        Ok(data[at..at + usize::try_from(len).expect("bounded by the protocol")].to_vec())
     }
 
     /// Health and every replica's mode.
     pub fn status(&self) -> VolumeStatus {
-        let slots = self.slots();
+        let slots = self.inner.slots();
         let rw = slots.iter().filter(|s| s.mode == Mode::ReadWrite).count();
         VolumeStatus {
-            name: self.name.clone(),
-            size: self.size,
+            name: self.inner.name.clone(),
+            size: self.size(),
             health: match rw {
                 0 => Health::Faulted,
                 n if n == slots.len() => Health::Healthy,
                 _ => Health::Degraded,
             },
+            epoch: self.inner.epoch_now.load(Ordering::SeqCst),
+            intent_regions: lock(&self.inner.intent).marked_count(),
             replicas: slots
                 .iter()
                 .map(|s| ReplicaStatus {
                     addr: s.addr.clone(),
                     mode: s.mode,
                     error: s.error.clone(),
+                    rebuild: s.rebuild.as_ref().map(|p| RebuildStatus {
+                        done_bytes: p.done.load(Ordering::Relaxed),
+                        total_bytes: p.total.load(Ordering::Relaxed),
+                        copied_bytes: p.copied.load(Ordering::Relaxed),
+                    }),
                 })
                 .collect(),
         }
+    }
+
+    /// Snapshots every replica as `name`, crash-consistently: new I/O waits,
+    /// in-flight I/O drains, then every replica snapshots at the same point.
+    /// A replica that fails to is failed (and later rebuilt), so the
+    /// replicas left never disagree about the chain.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        let _g = self.inner.gate.write().await;
+        self.inner.snapshot_all(name, true, labels).await
+    }
+
+    /// The snapshots and head of the volume, as a read-write replica lists
+    /// them (active chain first, head down).
+    pub async fn list_snapshots(&self) -> Result<Vec<LayerInfo>, Error> {
+        loop {
+            let (i, c) = self.inner.pick_reader()?;
+            match c.list().await {
+                Ok(l) => return Ok(l),
+                Err(e) => self.inner.fail(i, &e),
+            }
+        }
+    }
+
+    /// Removes snapshot `name` on every replica. Refused during a rebuild.
+    pub async fn remove_snapshot(&self, name: &str) -> Result<(), Error> {
+        let _r = self.inner.no_rebuild()?;
+        self.inner
+            .control_all(|c| {
+                let n = name.to_owned();
+                async move { c.remove_snapshot(&n).await }
+            })
+            .await
+    }
+
+    /// Reverts every replica to snapshot `name`. The volume must not be in
+    /// use by a frontend: its content changes under it. Refused during a
+    /// rebuild.
+    pub async fn revert(&self, name: &str) -> Result<(), Error> {
+        let _r = self.inner.no_rebuild()?;
+        let _g = self.inner.gate.write().await;
+        self.inner
+            .control_all(|c| {
+                let n = name.to_owned();
+                async move { c.revert(&n).await }
+            })
+            .await
+    }
+
+    /// Grows the volume to `size` bytes, online.
+    pub async fn expand(&self, size: u64) -> Result<(), Error> {
+        let _g = self.inner.gate.write().await;
+        if size < self.size() {
+            return Err(Error::Shrink {
+                size: self.size(),
+                requested: size,
+            });
+        }
+        self.inner
+            .control_all(|c| async move { c.expand(size).await })
+            .await?;
+        self.inner.size.store(size, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The 4 KiB-aligned bounds around `[offset, offset+len)`.
+fn block_bounds(offset: u64, len: u64) -> (u64, u64) {
+    (
+        offset / BLOCK_SIZE * BLOCK_SIZE,
+        (offset + len).next_multiple_of(BLOCK_SIZE),
+    )
+}
+
+impl Inner {
+    pub(super) fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        lock(&self.slots)
+    }
+
+    /// Every replica that receives writes: `(index, client, read-write?)`.
+    fn targets(&self) -> Vec<(usize, Client, bool)> {
+        let seq = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.mode != Mode::Failed)
+            .map(|(i, s)| (i, s.client(seq), s.mode == Mode::ReadWrite))
+            .collect()
+    }
+
+    fn pick_reader(&self) -> Result<(usize, Client), Error> {
+        let seq = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let slots = self.slots();
+        let rw: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].mode == Mode::ReadWrite)
+            .collect();
+        if rw.is_empty() {
+            return Err(Error::Faulted);
+        }
+        let i = rw[self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len()];
+        Ok((i, slots[i].client(seq)))
+    }
+
+    /// Takes replica `i` out of the volume.
+    pub(super) fn fail(&self, i: usize, e: &dyn std::fmt::Display) {
+        let mut slots = self.slots();
+        let s = &mut slots[i];
+        if s.mode != Mode::Failed {
+            tracing::error!(volume.id = %self.name, replica.addr = %s.addr, error = %e, "replica failed");
+            let was_member = s.mode == Mode::ReadWrite;
+            s.mode = Mode::Failed;
+            s.error = Some(e.to_string());
+            s.rebuild = None;
+            // Stop talking to it at once; in-flight calls fail fast.
+            for c in &s.conns {
+                c.shutdown();
+            }
+            if was_member {
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Before acknowledging anything: if the membership changed, the
+    /// replicas still in it record a new epoch naming exactly them, so that
+    /// a failed replica can never be taken for a current one after a crash.
+    pub(super) async fn settle_epoch(&self) -> Result<(), Error> {
+        while self.epoch_done.load(Ordering::SeqCst) < self.generation.load(Ordering::SeqCst) {
+            let mut epoch = self.epoch.lock().await;
+            let gen = self.generation.load(Ordering::SeqCst);
+            if self.epoch_done.load(Ordering::SeqCst) >= gen {
+                break;
+            }
+            let (members, clients): (Vec<String>, Vec<(usize, Client)>) = {
+                let slots = self.slots();
+                slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.mode == Mode::ReadWrite)
+                    .map(|(i, s)| (s.addr.clone(), (i, s.control())))
+                    .unzip()
+            };
+            if clients.is_empty() {
+                return Err(Error::Faulted);
+            }
+            let next = *epoch + 1;
+            let results = join_all(
+                clients
+                    .iter()
+                    .map(|(_, c)| c.set_epoch(next, members.clone())),
+            )
+            .await;
+            for ((i, _), r) in clients.iter().zip(results) {
+                if let Err(e) = r {
+                    self.fail(*i, &e);
+                }
+            }
+            *epoch = next;
+            self.epoch_now.store(next, Ordering::SeqCst);
+            tracing::info!(volume.id = %self.name, epoch = next, members = ?members, "membership recorded");
+            self.epoch_done.fetch_max(gen, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Sends the same request to every replica that takes writes, fails
+    /// those that err, and settles the epoch. `Ok` only if at least one
+    /// read-write replica took it and none still read-write missed it.
+    async fn mirror<F, Fut>(&self, op: F) -> Result<(), Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        let targets = self.targets();
+        if !targets.iter().any(|t| t.2) {
+            return Err(Error::Faulted);
+        }
+        let results = join_all(targets.iter().map(|(_, c, _)| op(c.clone()))).await;
+        let mut ok = 0;
+        let mut refused = None;
+        for ((i, _, rw), r) in targets.iter().zip(results) {
+            match r {
+                Ok(()) => ok += usize::from(*rw),
+                // The request itself is bad: every replica says so; do not
+                // fail a healthy replica over it.
+                Err(ClientError::Remote { kind, message }) if is_request_error(kind) => {
+                    refused = Some((kind, message));
+                }
+                Err(e) => self.fail(*i, &e),
+            }
+        }
+        self.settle_epoch().await?;
+        if let Some((kind, message)) = refused {
+            return Err(Error::Refused { kind, message });
+        }
+        if ok == 0 || self.slots().iter().all(|s| s.mode != Mode::ReadWrite) {
+            return Err(Error::Faulted);
+        }
+        Ok(())
+    }
+
+    /// Like `mirror`, for control operations: a request error from every
+    /// replica is the caller's; from only some, those replicas disagree with
+    /// the rest and are failed.
+    async fn control_all<F, Fut>(&self, op: F) -> Result<(), Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        let targets: Vec<(usize, Client, bool)> = {
+            let slots = self.slots();
+            slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.mode != Mode::Failed)
+                .map(|(i, s)| (i, s.control(), s.mode == Mode::ReadWrite))
+                .collect()
+        };
+        if !targets.iter().any(|t| t.2) {
+            return Err(Error::Faulted);
+        }
+        let results = join_all(targets.iter().map(|(_, c, _)| op(c.clone()))).await;
+        let refused: Vec<Option<(ErrorKind, String)>> = results
+            .iter()
+            .map(|r| match r {
+                Err(ClientError::Remote { kind, message }) if is_refusal(*kind) => {
+                    Some((*kind, message.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        if let Some(Some((kind, message))) = refused.iter().find(|r| r.is_some()) {
+            if refused.iter().all(Option::is_some) {
+                return Err(Error::Refused {
+                    kind: *kind,
+                    message: message.clone(),
+                });
+            }
+        }
+        for ((i, _, _), r) in targets.iter().zip(results) {
+            if let Err(e) = r {
+                self.fail(*i, &e);
+            }
+        }
+        self.settle_epoch().await?;
+        if self.slots().iter().all(|s| s.mode != Mode::ReadWrite) {
+            return Err(Error::Faulted);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn snapshot_all(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        self.control_all(|c| {
+            let (n, l) = (name.to_owned(), labels.clone());
+            async move { c.snapshot_as(&n, user_created, l).await }
+        })
+        .await
+    }
+
+    fn no_rebuild(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
+        self.rebuilding
+            .try_lock()
+            .map_err(|_| Error::RebuildInProgress)
+    }
+
+    /// Marks the write-intent regions of `[offset, offset+len)` on every
+    /// replica (if not marked yet), runs `op`, and ends the regions' use.
+    async fn with_intent<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let rs = {
+            let mut it = lock(&self.intent);
+            let rs = it.regions(offset, len);
+            it.begin(rs.clone());
+            rs
+        };
+        let r = match self.mark_intent(rs.clone()).await {
+            Ok(()) => op.await,
+            Err(e) => Err(e),
+        };
+        lock(&self.intent).end(rs);
+        r
+    }
+
+    async fn mark_intent(&self, rs: std::ops::Range<u64>) -> Result<(), Error> {
+        loop {
+            if lock(&self.intent).all_marked(rs.clone()) {
+                return Ok(());
+            }
+            let _io = self.intent_io.lock().await;
+            let (region, add) = {
+                let mut it = lock(&self.intent);
+                if it.all_marked(rs.clone()) {
+                    return Ok(());
+                }
+                // Our regions may have been taken by a writer whose marking
+                // failed; ask again.
+                it.mark_failed(&rs.clone().collect::<Vec<_>>());
+                (it.region_bytes(), it.take_wanted())
+            };
+            let res = self
+                .mirror(|c| {
+                    let a = add.clone();
+                    async move { c.update_intent(region, a, Vec::new()).await }
+                })
+                .await;
+            let mut it = lock(&self.intent);
+            match res {
+                Ok(()) => it.marked(&add),
+                Err(e) => {
+                    it.mark_failed(&add);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    pub(super) async fn write_blocks(&self, offset: u64, data: Bytes) -> Result<(), Error> {
+        self.with_intent(offset, data.len() as u64, async {
+            self.mirror(|c| {
+                let d = data.clone();
+                async move { c.write(offset, d).await }
+            })
+            .await
+        })
+        .await
+    }
+
+    async fn unmap_blocks(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.with_intent(offset, len, async {
+            self.mirror(|c| async move { c.unmap(offset, len).await })
+                .await
+        })
+        .await
+    }
+
+    pub(super) async fn flush_all(&self) -> Result<(), Error> {
+        let f = lock(&self.intent).start_flush();
+        self.mirror(|c| async move { c.flush().await }).await?;
+        let clear = lock(&self.intent).take_clearable(f);
+        if !clear.is_empty() {
+            let _io = self.intent_io.lock().await;
+            let region = lock(&self.intent).region_bytes();
+            // A failed clear leaves extra marks: a resync would compare a
+            // region more than needed, nothing worse.
+            for (_, c, _) in self.targets() {
+                if let Err(e) = c.update_intent(region, Vec::new(), clear.clone()).await {
+                    tracing::warn!(volume.id = %self.name, error = %e, "cannot clear write intent");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads whole blocks from one read-write replica, trying the next if
+    /// one fails.
+    pub(super) async fn read_blocks(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        loop {
+            let (i, c) = self.pick_reader()?;
+            match c.read(offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(ClientError::Remote { kind, message }) if is_request_error(kind) => {
+                    return Err(Error::Refused { kind, message })
+                }
+                Err(e) => self.fail(i, &e),
+            }
+        }
+    }
+
+    /// The whole blocks around `[offset, offset+len)`, with the first and
+    /// last read from the replicas (the middle is about to be overwritten).
+    async fn read_edges(&self, offset: u64, len: u64) -> Result<BytesMut, Error> {
+        let (a, b) = block_bounds(offset, len);
+        let mut buf = BytesMut::zeroed(usize::try_from(b - a).expect("bounded request"));
+        let first = self.read_blocks(a, BLOCK_SIZE).await?;
+        buf[..first.len()].copy_from_slice(&first);
+        if b - a > BLOCK_SIZE {
+            let last = self.read_blocks(b - BLOCK_SIZE, BLOCK_SIZE).await?;
+            let n = buf.len();
+            buf[n - last.len()..].copy_from_slice(&last);
+        }
+        Ok(buf)
     }
 }

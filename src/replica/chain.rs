@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::extents::{ExtentSet, View, BLOCK_SIZE};
 use super::layer::{self, Layer};
-use super::meta::{self, DiskMeta, VolumeMeta};
+use super::meta::{self, DiskMeta, EngineRecord, VolumeMeta};
 use super::{Error, Result};
 use crate::units::{check_extent, ExtentError};
 
@@ -57,7 +57,13 @@ pub struct Replica {
     /// Set when a commit's outcome is unknown; the replica then refuses
     /// everything until reopened.
     failed: Mutex<Option<String>>,
+    /// The engine record as on disk (`shorthorn.engine`); the mutex also
+    /// serialises its writers.
+    engine: Mutex<EngineRecord>,
 }
+
+mod rebuild;
+pub use rebuild::SnapshotSpec;
 
 #[derive(Debug)]
 struct State {
@@ -122,6 +128,8 @@ pub struct ReplicaInfo {
     pub dirty: bool,
     /// Marked as the target of an unfinished rebuild.
     pub rebuilding: bool,
+    /// What the engine recorded here: epoch, members, write intent.
+    pub engine: EngineRecord,
 }
 
 /// One checksummed chunk of a layer's data.
@@ -182,12 +190,14 @@ impl Replica {
             }
         }
         let rev = read_revision(dir)?;
+        let engine = rebuild::read_engine_record(dir)?;
         let r = Self {
             dir: dir.to_path_buf(),
             state: RwLock::new(state),
             revision: AtomicU64::new(rev),
             persisted_revision: Mutex::new(rev),
             failed: Mutex::new(None),
+            engine: Mutex::new(engine),
         };
         r.set_flags(|m| m.dirty = true)?;
         Ok(r)
@@ -343,7 +353,9 @@ impl Replica {
 
     /// Trims `[offset, offset+len)`: it reads back as zeros afterwards. Where
     /// no snapshot holds data the head's space is given back (hole punched);
-    /// where a snapshot does, the head shadows it with written zeros.
+    /// where a snapshot does, the head shadows it with written zeros. While
+    /// rebuilding, the snapshots below are still being filled, so the head
+    /// always shadows with zeros.
     pub fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         self.check_ok()?;
         let st = self.write_state();
@@ -351,9 +363,10 @@ impl Replica {
         let h = st.chain.len() - 1;
         let head = &st.chain[h];
         let mut view = lock(&st.view);
+        let shadow_all = st.meta.rebuilding;
         for (r, below) in st.lower.segments(blocks.clone()) {
             let (off, n) = (r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE);
-            let done = if below.is_some() {
+            let done = if below.is_some() || shadow_all {
                 write_zeros(head, off, n).map(|()| view.insert(r, head_index(h)))
             } else {
                 head.punch_hole(off, n).map(|()| view.remove(r))
@@ -682,6 +695,7 @@ impl Replica {
             revision: self.revision(),
             dirty: st.meta.dirty,
             rebuilding: st.meta.rebuilding,
+            engine: lock(&self.engine).clone(),
         }
     }
 
@@ -730,27 +744,7 @@ impl Replica {
     pub fn extents(&self, layer: &str, from: u64, max: usize) -> Result<ExtentPage> {
         self.check_ok()?;
         let st = self.read_state();
-        let file = if layer == "head" {
-            st.meta.head.clone()
-        } else {
-            meta::snap_file_name(layer)
-        };
-        let size = st.meta.size;
-        let (handle, set): (Arc<Layer>, ExtentSet) =
-            if let Some(i) = st.names.iter().position(|n| *n == file) {
-                let set = if i + 1 == st.chain.len() {
-                    st.head_extents()
-                } else {
-                    st.extents[i].clone()
-                };
-                (Arc::clone(&st.chain[i]), set)
-            } else if st.disks.contains_key(&file) {
-                let l = Layer::open(&self.dir.join(&file)).map_err(io_err(&file))?;
-                let s = l.scan_extents(size).map_err(io_err(&file))?;
-                (Arc::new(l), s)
-            } else {
-                return Err(Error::SnapshotNotFound { name: layer.into() });
-            };
+        let (handle, file, set) = self.layer_in(&st, layer)?;
         let chunk = CHECKSUM_CHUNK_BYTES / BLOCK_SIZE;
         let start = from / BLOCK_SIZE;
         let mut page = ExtentPage {
@@ -780,6 +774,30 @@ impl Replica {
             }
         }
         Ok(page)
+    }
+
+    /// One layer by name (a snapshot name, or `head`): its handle, file name
+    /// and data extents. Off-chain snapshots are opened and scanned.
+    fn layer_in(&self, st: &State, layer: &str) -> Result<(Arc<Layer>, String, ExtentSet)> {
+        let file = if layer == "head" {
+            st.meta.head.clone()
+        } else {
+            meta::snap_file_name(layer)
+        };
+        if let Some(i) = st.names.iter().position(|n| *n == file) {
+            let set = if i + 1 == st.chain.len() {
+                st.head_extents()
+            } else {
+                st.extents[i].clone()
+            };
+            Ok((Arc::clone(&st.chain[i]), file, set))
+        } else if st.disks.contains_key(&file) {
+            let l = Layer::open(&self.dir.join(&file)).map_err(io_err(&file))?;
+            let s = l.scan_extents(st.meta.size).map_err(io_err(&file))?;
+            Ok((Arc::new(l), file, s))
+        } else {
+            Err(Error::SnapshotNotFound { name: layer.into() })
+        }
     }
 
     /// Reads served by each layer of the active chain (bottom first) since

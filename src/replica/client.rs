@@ -18,10 +18,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::chain::{ExtentPage, LayerInfo, ReplicaInfo};
+use super::chain::{ExtentPage, LayerInfo, ReplicaInfo, SnapshotSpec};
 use super::wire::{
-    self, ExpandRequest, ExtentsRequest, FrameError, NameRequest, Op, RebuildingRequest,
-    RequestHeader, ResponseHeader, SnapshotRequest, RESPONSE_HEADER_LEN,
+    self, ChecksumRequest, EpochRequest, ExpandRequest, ExtentsRequest, FrameError, IntentRequest,
+    LayerRange, NameRequest, Op, RebuildingRequest, RequestHeader, ResponseHeader, SetChainRequest,
+    SnapshotRequest, RESPONSE_HEADER_LEN,
 };
 use crate::error::ErrorKind;
 
@@ -256,15 +257,25 @@ impl Client {
         self.control(Op::List, &()).await
     }
 
-    /// Snapshots the head as `name`.
+    /// Snapshots the head as `name`, at a user's request.
     pub async fn snapshot(
         &self,
         name: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<(), ClientError> {
+        self.snapshot_as(name, true, labels).await
+    }
+
+    /// Snapshots the head as `name`, marked user-created or not.
+    pub async fn snapshot_as(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), ClientError> {
         let q = SnapshotRequest {
             name: name.into(),
-            user_created: true,
+            user_created,
             labels,
         };
         self.control::<_, ()>(Op::Snapshot, &q).await
@@ -306,6 +317,85 @@ impl Client {
     /// Sets or clears the rebuilding flag.
     pub async fn set_rebuilding(&self, rebuilding: bool) -> Result<(), ClientError> {
         self.control::<_, ()>(Op::SetRebuilding, &RebuildingRequest { rebuilding })
+            .await
+    }
+
+    /// The bytes layer `layer` itself holds (holes read as zeros).
+    pub async fn layer_read(
+        &self,
+        layer: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        Self::check_io_len(len)?;
+        let q = LayerRange {
+            layer: layer.into(),
+            offset,
+            len,
+        };
+        let body = serde_json::to_vec(&q).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.call(Op::LayerRead, 0, 0, Bytes::from(body)).await
+    }
+
+    /// Writes into snapshot `layer` of a rebuilding replica.
+    pub async fn layer_write(
+        &self,
+        layer: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        Self::check_io_len(data.len() as u64)?;
+        let body = wire::encode_layer_write(layer, offset, data);
+        self.call(Op::LayerWrite, 0, 0, Bytes::from(body))
+            .await
+            .map(drop)
+    }
+
+    /// Punches a hole in snapshot `layer` of a rebuilding replica.
+    pub async fn layer_punch(&self, layer: &str, offset: u64, len: u64) -> Result<(), ClientError> {
+        let q = LayerRange {
+            layer: layer.into(),
+            offset,
+            len,
+        };
+        self.control::<_, ()>(Op::LayerPunch, &q).await
+    }
+
+    /// Reshapes a rebuilding replica's chain to `chain` (bottom first).
+    pub async fn set_chain(&self, chain: Vec<SnapshotSpec>) -> Result<(), ClientError> {
+        self.control::<_, ()>(Op::SetChain, &SetChainRequest { chain })
+            .await
+    }
+
+    /// Syncs a rebuilt replica and clears its rebuilding flag.
+    pub async fn finish_rebuild(&self) -> Result<(), ClientError> {
+        self.control::<_, ()>(Op::FinishRebuild, &()).await
+    }
+
+    /// Records the membership epoch.
+    pub async fn set_epoch(&self, epoch: u64, members: Vec<String>) -> Result<(), ClientError> {
+        self.control::<_, ()>(Op::SetEpoch, &EpochRequest { epoch, members })
+            .await
+    }
+
+    /// Adds and removes write-intent regions.
+    pub async fn update_intent(
+        &self,
+        region_bytes: u64,
+        add: Vec<u64>,
+        remove: Vec<u64>,
+    ) -> Result<(), ClientError> {
+        let q = IntentRequest {
+            region_bytes,
+            add,
+            remove,
+        };
+        self.control::<_, ()>(Op::UpdateIntent, &q).await
+    }
+
+    /// CRC32C of the volume's content over a range.
+    pub async fn checksum(&self, offset: u64, len: u64) -> Result<u32, ClientError> {
+        self.control(Op::Checksum, &ChecksumRequest { offset, len })
             .await
     }
 }

@@ -81,6 +81,42 @@ pub const REVISION_FILE_LEN: usize = 4096;
 pub const VOLUME_META: &str = "volume.meta";
 /// File name of the revision counter.
 pub const REVISION_COUNTER: &str = "revision.counter";
+/// File name of the engine record (shorthorn's own; Longhorn ignores it).
+pub const ENGINE_RECORD: &str = "shorthorn.engine";
+
+/// `shorthorn.engine`: what the volume's engine last told this replica about
+/// the volume as a whole. It lets an engine that restarts after a crash tell
+/// a consistent replica from a stale one and find the regions that may
+/// differ between replicas (see `engine::volume`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineRecord {
+    /// Membership epoch: raised by the engine every time the set of
+    /// read-write replicas changes, on every replica that stays in it.
+    pub epoch: u64,
+    /// Addresses of the read-write replicas at `epoch`.
+    pub members: Vec<String>,
+    /// Size in bytes of one write-intent region.
+    pub region_bytes: u64,
+    /// Write-intent regions: regions that may hold writes not yet flushed on
+    /// every replica (region index = offset / `region_bytes`).
+    pub intent: std::collections::BTreeSet<u64>,
+}
+
+/// Decodes `shorthorn.engine`.
+pub fn decode_engine(bytes: &[u8]) -> Result<EngineRecord, DecodeError> {
+    serde_json::from_slice(bytes).map_err(|e| DecodeError {
+        what: ENGINE_RECORD,
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes `shorthorn.engine`.
+pub fn encode_engine(r: &EngineRecord) -> Vec<u8> {
+    let mut v = serde_json::to_vec(r).expect("EngineRecord always serializes");
+    v.push(b'\n');
+    v
+}
 
 /// Error from decoding a metadata file.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +322,13 @@ mod tests {
             let _ = decode_volume(&bytes);
             let _ = decode_disk(&bytes);
             let _ = decode_revision(&bytes);
+            let _ = decode_engine(&bytes);
+        }
+
+        #[test]
+        fn engine_record_round_trips(epoch: u64, members in proptest::collection::vec("[a-z0-9.:]{1,20}", 0..4), region_bytes: u64, intent in proptest::collection::btree_set(any::<u64>(), 0..20)) {
+            let r = EngineRecord { epoch, members, region_bytes, intent };
+            prop_assert_eq!(decode_engine(&encode_engine(&r)).unwrap(), r);
         }
 
         #[test]

@@ -155,6 +155,21 @@ pub enum Error {
         /// The error that made it fail.
         reason: String,
     },
+    /// A rebuild-only operation on a replica that is not being rebuilt.
+    #[error("{op} is only allowed on a replica marked as rebuilding")]
+    NotRebuilding {
+        /// The operation refused.
+        op: &'static str,
+    },
+    /// A layer name that is not a snapshot of the active chain.
+    #[error("{layer:?} is not a snapshot on the active chain")]
+    NotChainSnapshot {
+        /// The name given.
+        layer: String,
+    },
+    /// A chain given to `set_chain` that does not fit this replica.
+    #[error("bad chain: {0}")]
+    BadChain(String),
     /// A Longhorn feature shorthorn does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -172,9 +187,12 @@ impl Error {
             | Self::LabelsTooLarge { .. }
             | Self::Shrink { .. } => ErrorKind::InvalidArgument,
             Self::ExtentOutOfRange { .. } => ErrorKind::OutOfRange,
-            Self::SizeMismatch { .. } | Self::Unsupported(_) | Self::SnapshotRemoving { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            Self::SizeMismatch { .. }
+            | Self::Unsupported(_)
+            | Self::SnapshotRemoving { .. }
+            | Self::NotRebuilding { .. } => ErrorKind::FailedPrecondition,
+            Self::NotChainSnapshot { .. } => ErrorKind::NotFound,
+            Self::BadChain(_) => ErrorKind::InvalidArgument,
             Self::MetaCorrupt { .. } | Self::ChainBroken { .. } => ErrorKind::Corrupt,
             Self::OpenReplica { .. }
             | Self::LayerIo { .. }

@@ -21,8 +21,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::chain::Replica;
 use super::wire::{
-    self, ExpandRequest, ExtentsRequest, FrameError, NameRequest, Op, RebuildingRequest,
-    RequestHeader, ResponseHeader, SnapshotRequest, REQUEST_HEADER_LEN,
+    self, ChecksumRequest, EpochRequest, ExpandRequest, ExtentsRequest, FrameError, IntentRequest,
+    LayerRange, NameRequest, Op, RebuildingRequest, RequestHeader, ResponseHeader, SetChainRequest,
+    SnapshotRequest, REQUEST_HEADER_LEN,
 };
 use crate::error::ErrorKind;
 
@@ -333,8 +334,64 @@ fn execute(r: &Replica, h: RequestHeader, payload: Vec<u8>) -> OpResult {
         }
         Op::SetRebuilding => {
             let q: RebuildingRequest = parse(&payload)?;
+            info!(rebuilding = q.rebuilding, "set rebuilding");
             r.set_rebuilding(q.rebuilding).map_err(fail)?;
             Ok(Vec::new())
+        }
+        Op::LayerRead => {
+            let q: LayerRange = parse(&payload)?;
+            if q.len > wire::MAX_IO_BYTES {
+                return Err((
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "layer read of {} bytes exceeds {}",
+                        q.len,
+                        wire::MAX_IO_BYTES
+                    ),
+                ));
+            }
+            let mut buf = vec![0u8; usize::try_from(q.len).expect("bounded above")];
+            r.layer_read(&q.layer, q.offset, &mut buf).map_err(fail)?;
+            Ok(buf)
+        }
+        Op::LayerWrite => {
+            let (q, data) =
+                wire::decode_layer_write(&payload).map_err(|m| (ErrorKind::InvalidArgument, m))?;
+            r.layer_write(&q.layer, q.offset, data).map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::LayerPunch => {
+            let q: LayerRange = parse(&payload)?;
+            r.layer_punch(&q.layer, q.offset, q.len).map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::SetChain => {
+            let q: SetChainRequest = parse(&payload)?;
+            info!(snapshots = q.chain.len(), "set chain");
+            r.set_chain(&q.chain).map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::FinishRebuild => {
+            info!("finish rebuild");
+            r.finish_rebuild().map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::SetEpoch => {
+            let q: EpochRequest = parse(&payload)?;
+            info!(epoch = q.epoch, members = ?q.members, "set epoch");
+            r.set_epoch(q.epoch, q.members).map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::UpdateIntent => {
+            let q: IntentRequest = parse(&payload)?;
+            r.update_intent(q.region_bytes, &q.add, &q.remove)
+                .map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::Checksum => {
+            let q: ChecksumRequest = parse(&payload)?;
+            let crc = r.checksum(q.offset, q.len).map_err(fail)?;
+            json(&crc)
         }
     }
 }

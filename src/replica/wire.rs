@@ -22,6 +22,8 @@ pub const RESPONSE_HEADER_LEN: usize = 28;
 pub const MAX_IO_BYTES: u64 = 8 << 20;
 /// Largest control request payload.
 pub const MAX_CONTROL_BYTES: u32 = 1 << 20;
+/// Largest JSON header of a [`Op::LayerWrite`] payload.
+pub const MAX_LAYER_WRITE_HEADER: u32 = 4096;
 /// Largest response payload a client accepts.
 pub const MAX_RESPONSE_BYTES: u32 = 64 << 20;
 
@@ -53,6 +55,23 @@ pub enum Op {
     Extents = 22,
     /// Set or clear the rebuilding flag (JSON request).
     SetRebuilding = 23,
+    /// Raw bytes of one layer (JSON request, raw response).
+    LayerRead = 24,
+    /// Write into a snapshot layer of a rebuilding replica (binary request,
+    /// see [`encode_layer_write`]).
+    LayerWrite = 25,
+    /// Punch a hole in a snapshot layer of a rebuilding replica (JSON request).
+    LayerPunch = 26,
+    /// Reshape a rebuilding replica's chain (JSON request).
+    SetChain = 27,
+    /// Sync and clear the rebuilding flag.
+    FinishRebuild = 28,
+    /// Record the membership epoch (JSON request).
+    SetEpoch = 29,
+    /// Add and remove write-intent regions (JSON request).
+    UpdateIntent = 30,
+    /// CRC32C of a range of the volume's content (JSON request and response).
+    Checksum = 31,
 }
 
 impl Op {
@@ -71,6 +90,14 @@ impl Op {
             21 => Self::Expand,
             22 => Self::Extents,
             23 => Self::SetRebuilding,
+            24 => Self::LayerRead,
+            25 => Self::LayerWrite,
+            26 => Self::LayerPunch,
+            27 => Self::SetChain,
+            28 => Self::FinishRebuild,
+            29 => Self::SetEpoch,
+            30 => Self::UpdateIntent,
+            31 => Self::Checksum,
             _ => return None,
         })
     }
@@ -273,6 +300,13 @@ impl RequestHeader {
                     return Err(bad(format!("{:?} carries no payload", self.op)));
                 }
             }
+            Op::LayerWrite => {
+                if payload > MAX_IO_BYTES + u64::from(MAX_LAYER_WRITE_HEADER) {
+                    return Err(bad(format!(
+                        "layer write of {payload} bytes exceeds {MAX_IO_BYTES} plus its header"
+                    )));
+                }
+            }
             _ => {
                 debug_assert!(self.op.is_control());
                 if self.payload_len > MAX_CONTROL_BYTES {
@@ -418,6 +452,109 @@ pub struct RebuildingRequest {
     pub rebuilding: bool,
 }
 
+/// JSON body of [`Op::LayerRead`] and [`Op::LayerPunch`]; the JSON header of
+/// [`Op::LayerWrite`] (whose `len` is the data length).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRange {
+    /// Snapshot name, or `head` (reads only).
+    pub layer: String,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+}
+
+/// Lays out a [`Op::LayerWrite`] payload: the JSON header's length (u32
+/// little-endian), the JSON header, then the data.
+pub fn encode_layer_write(layer: &str, offset: u64, data: &[u8]) -> Vec<u8> {
+    let head = serde_json::to_vec(&LayerRange {
+        layer: layer.into(),
+        offset,
+        len: data.len() as u64,
+    })
+    .expect("LayerRange always serializes");
+    let mut v = Vec::with_capacity(4 + head.len() + data.len());
+    v.extend_from_slice(
+        &u32::try_from(head.len())
+            .expect("short header")
+            .to_le_bytes(),
+    );
+    v.extend_from_slice(&head);
+    v.extend_from_slice(data);
+    v
+}
+
+/// Splits a [`Op::LayerWrite`] payload into its header and data.
+pub fn decode_layer_write(payload: &[u8]) -> Result<(LayerRange, &[u8]), String> {
+    let n = payload
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .ok_or("layer write payload shorter than its length field")?;
+    if n > MAX_LAYER_WRITE_HEADER {
+        return Err(format!(
+            "layer write header of {n} bytes exceeds {MAX_LAYER_WRITE_HEADER}"
+        ));
+    }
+    let end = 4 + n as usize;
+    let head = payload
+        .get(4..end)
+        .ok_or("layer write payload shorter than its header")?;
+    let q: LayerRange =
+        serde_json::from_slice(head).map_err(|e| format!("malformed layer write header: {e}"))?;
+    let data = &payload[end..];
+    if q.len != data.len() as u64 {
+        return Err(format!(
+            "layer write header says {} bytes but {} follow",
+            q.len,
+            data.len()
+        ));
+    }
+    Ok((q, data))
+}
+
+/// JSON body of [`Op::SetChain`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetChainRequest {
+    /// The snapshots below the head, bottom first.
+    pub chain: Vec<super::chain::SnapshotSpec>,
+}
+
+/// JSON body of [`Op::SetEpoch`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpochRequest {
+    /// The new epoch.
+    pub epoch: u64,
+    /// Read-write replicas at that epoch.
+    pub members: Vec<String>,
+}
+
+/// JSON body of [`Op::UpdateIntent`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntentRequest {
+    /// Region size in bytes.
+    pub region_bytes: u64,
+    /// Regions to add.
+    #[serde(default)]
+    pub add: Vec<u64>,
+    /// Regions to remove.
+    #[serde(default)]
+    pub remove: Vec<u64>,
+}
+
+/// JSON body of [`Op::Checksum`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksumRequest {
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub len: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +574,14 @@ mod tests {
             Just(Op::Expand),
             Just(Op::Extents),
             Just(Op::SetRebuilding),
+            Just(Op::LayerRead),
+            Just(Op::LayerWrite),
+            Just(Op::LayerPunch),
+            Just(Op::SetChain),
+            Just(Op::FinishRebuild),
+            Just(Op::SetEpoch),
+            Just(Op::UpdateIntent),
+            Just(Op::Checksum),
         ]
     }
 
@@ -514,6 +659,21 @@ mod tests {
             RequestHeader::decode(&h.encode()),
             Err(FrameError::BadLength { id: 7, .. })
         ));
+    }
+
+    proptest! {
+        #[test]
+        fn layer_write_round_trips(layer in "[a-z0-9-]{1,40}", offset: u64, data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let p = encode_layer_write(&layer, offset, &data);
+            let (q, d) = decode_layer_write(&p).unwrap();
+            prop_assert_eq!(q, LayerRange { layer, offset, len: data.len() as u64 });
+            prop_assert_eq!(d, &data[..]);
+        }
+
+        #[test]
+        fn layer_write_decoder_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = decode_layer_write(&b);
+        }
     }
 
     #[test]

@@ -1,0 +1,260 @@
+//! Online rebuild: bringing an empty or stale replica into the volume while
+//! it serves I/O.
+//!
+//! 1. The replica is marked rebuilding (durably): until step 6 nothing
+//!    trusts its content, whatever crashes.
+//! 2. Under the I/O gate, every replica, the new one included, snapshots
+//!    under one system name; the new replica joins write-only. From here on
+//!    it receives every write in its new head, so only the layers below the
+//!    head have to be copied, and they no longer change.
+//! 3. Its chain is reshaped to the source's (`Replica::set_chain`), keeping
+//!    the layers it already has under the same names.
+//! 4. Layer by layer, bottom up, the per-chunk CRC32Cs (`Extents`) of source
+//!    and target are compared; chunks that differ are punched and copied,
+//!    within the bandwidth limit. A stale replica that was away briefly
+//!    copies only what changed.
+//! 5. `finish_rebuild` syncs its layers and clears the flag.
+//! 6. It turns read-write and a new epoch records it as a member.
+//!
+//! A failure at any step fails the new replica; a kill of any process
+//! leaves it flagged rebuilding, and the next engine rebuilds it again
+//! (step 4 then copies only what is still missing).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::startup::probe;
+use super::volume::{Inner, Mode, Progress, Slot, Volume};
+use super::Error;
+use crate::replica::chain::{ExtentChecksum, SnapshotSpec, CHECKSUM_CHUNK_BYTES};
+use crate::replica::client::{Client, ClientError};
+
+/// Chunks asked for per `Extents` page.
+const EXTENTS_PAGE: u32 = 4096;
+
+impl Volume {
+    /// Adds replica `addr` (empty, or a stale copy of this volume) and
+    /// starts rebuilding it in the background; `status` shows its progress.
+    /// Rebuilds run one at a time: this waits for an earlier one to end.
+    pub async fn add_replica(&self, addr: &str) -> Result<(), Error> {
+        let inner = &self.inner;
+        {
+            let slots = inner.slots();
+            if slots
+                .iter()
+                .any(|s| s.addr == addr && s.mode != Mode::Failed)
+            {
+                return Err(Error::AlreadyMember { addr: addr.into() });
+            }
+        }
+        let guard = Arc::clone(&inner.rebuilding).lock_owned().await;
+        let err = |cause| Error::Replica {
+            addr: addr.into(),
+            cause,
+        };
+        let (conns, info) = probe(addr, &inner.opts).await.map_err(err)?;
+        let size = self.size();
+        if info.size > size {
+            return Err(Error::SizeMismatch {
+                addr: addr.into(),
+                replica: info.size,
+                volume: size,
+            });
+        }
+        let target = conns[0].clone();
+        target.set_rebuilding(true).await.map_err(err)?;
+        if info.size < size {
+            target.expand(size).await.map_err(err)?;
+        }
+        let progress = Arc::new(Progress::default());
+        let snap = format!("rebuild-{:x}", unique());
+        let idx = {
+            let _g = inner.gate.write().await;
+            inner.snapshot_all(&snap, false, BTreeMap::new()).await?;
+            target
+                .snapshot_as(&snap, false, BTreeMap::new())
+                .await
+                .map_err(err)?;
+            let mut slots = inner.slots();
+            let slot = Slot {
+                addr: addr.into(),
+                conns,
+                mode: Mode::WriteOnly,
+                error: None,
+                rebuild: Some(Arc::clone(&progress)),
+            };
+            if let Some(i) = slots.iter().position(|s| s.addr == addr) {
+                slots[i] = slot;
+                i
+            } else {
+                slots.push(slot);
+                slots.len() - 1
+            }
+        };
+        tracing::info!(volume.id = %inner.name, replica.addr = %addr, snapshot = %snap, "rebuild started");
+        let inner = Arc::clone(inner);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let started = Instant::now();
+            match copy_layers(&inner, &target, &progress).await {
+                Ok(()) => {
+                    {
+                        let mut slots = inner.slots();
+                        if slots[idx].mode == Mode::WriteOnly {
+                            slots[idx].mode = Mode::ReadWrite;
+                            inner.generation.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    if let Err(e) = inner.settle_epoch().await {
+                        tracing::error!(volume.id = %inner.name, error = %e, "cannot record the rebuilt replica");
+                    }
+                    tracing::info!(
+                        volume.id = %inner.name,
+                        replica.addr = %inner.slots()[idx].addr,
+                        copied_bytes = progress.done.load(Ordering::Relaxed),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "rebuild done"
+                    );
+                }
+                Err(e) => inner.fail(idx, &format!("rebuild failed: {e}")),
+            }
+        });
+        Ok(())
+    }
+
+    /// Takes replica `addr` out of the volume (it receives nothing more).
+    pub async fn remove_replica(&self, addr: &str) -> Result<(), Error> {
+        let i = self
+            .inner
+            .slots()
+            .iter()
+            .position(|s| s.addr == addr)
+            .ok_or_else(|| Error::UnknownReplica { addr: addr.into() })?;
+        self.inner.fail(i, &"removed by request");
+        self.inner.settle_epoch().await
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The source: the first read-write replica.
+fn source(inner: &Inner) -> Result<Client, Error> {
+    inner
+        .slots()
+        .iter()
+        .find(|s| s.mode == Mode::ReadWrite)
+        .map(super::volume::Slot::control)
+        .ok_or(Error::Faulted)
+}
+
+async fn all_extents(c: &Client, layer: &str) -> Result<Vec<ExtentChecksum>, ClientError> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = c.extents(layer, from, EXTENTS_PAGE).await?;
+        out.extend(page.extents);
+        match page.next {
+            Some(n) => from = n,
+            None => return Ok(out),
+        }
+    }
+}
+
+fn by_chunk(es: Vec<ExtentChecksum>) -> BTreeMap<u64, Vec<ExtentChecksum>> {
+    let mut m: BTreeMap<u64, Vec<ExtentChecksum>> = BTreeMap::new();
+    for e in es {
+        m.entry(e.offset / CHECKSUM_CHUNK_BYTES)
+            .or_default()
+            .push(e);
+    }
+    m
+}
+
+/// Steps 3 to 5.
+async fn copy_layers(inner: &Inner, target: &Client, progress: &Progress) -> Result<(), String> {
+    let src = source(inner).map_err(|e| e.to_string())?;
+    let layers = src.list().await.map_err(|e| format!("source list: {e}"))?;
+    let chain: Vec<SnapshotSpec> = layers
+        .iter()
+        .filter(|l| l.active && !l.head)
+        .rev()
+        .map(|l| SnapshotSpec {
+            name: l.name.clone(),
+            created: l.created.clone(),
+            user_created: l.user_created,
+            labels: l.labels.clone(),
+        })
+        .collect();
+    target
+        .set_chain(chain.clone())
+        .await
+        .map_err(|e| format!("target set chain: {e}"))?;
+    let mut plan = Vec::with_capacity(chain.len());
+    for l in &chain {
+        let s = all_extents(&src, &l.name)
+            .await
+            .map_err(|e| format!("source extents of {}: {e}", l.name))?;
+        progress
+            .total
+            .fetch_add(s.iter().map(|e| e.len).sum(), Ordering::Relaxed);
+        plan.push((l.name.clone(), s));
+    }
+    let limit = inner.opts.rebuild_bytes_per_sec;
+    let started = Instant::now();
+    let mut copied = 0u64;
+    for (layer, s) in plan {
+        let d = all_extents(target, &layer)
+            .await
+            .map_err(|e| format!("target extents of {layer}: {e}"))?;
+        let (s, d) = (by_chunk(s), by_chunk(d));
+        let chunks: std::collections::BTreeSet<u64> = s.keys().chain(d.keys()).copied().collect();
+        for chunk in chunks {
+            let empty = Vec::new();
+            let (sv, dv) = (
+                s.get(&chunk).unwrap_or(&empty),
+                d.get(&chunk).unwrap_or(&empty),
+            );
+            let bytes: u64 = sv.iter().map(|e| e.len).sum();
+            if sv != dv {
+                if !dv.is_empty() {
+                    let off = chunk * CHECKSUM_CHUNK_BYTES;
+                    let len = CHECKSUM_CHUNK_BYTES.min(inner.size.load(Ordering::SeqCst) - off);
+                    target
+                        .layer_punch(&layer, off, len)
+                        .await
+                        .map_err(|e| format!("target punch in {layer}: {e}"))?;
+                }
+                for e in sv {
+                    let data = src
+                        .layer_read(&layer, e.offset, e.len)
+                        .await
+                        .map_err(|x| format!("source read of {layer}: {x}"))?;
+                    target
+                        .layer_write(&layer, e.offset, &data)
+                        .await
+                        .map_err(|x| format!("target write to {layer}: {x}"))?;
+                }
+                copied += bytes;
+                progress.copied.fetch_add(bytes, Ordering::Relaxed);
+                if limit > 0 {
+                    // Never ahead of the allowed rate.
+                    let due = Duration::from_secs_f64(copied as f64 / limit as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+            progress.done.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+    target
+        .finish_rebuild()
+        .await
+        .map_err(|e| format!("target finish: {e}"))
+}

@@ -1,0 +1,294 @@
+//! Opening a volume: which replicas may serve, and bringing them back to
+//! identical content after an engine crash.
+//!
+//! 1. Every replica is asked for its info: chain, rebuilding flag, and the
+//!    engine record (epoch, members, write intent).
+//! 2. A replica marked rebuilding is incomplete: it is rebuilt.
+//! 3. The highest epoch's member list names the replicas that held every
+//!    acknowledged write when the last engine stopped. All of them must be
+//!    reachable (one that is not may hold writes the others miss... or the
+//!    reverse; the engine cannot tell, so it refuses to guess). A member one
+//!    epoch behind missed only the recording of the last epoch (a crash
+//!    half-way through it), not data.
+//! 4. Members whose chain differs from the longest one only by its last
+//!    snapshot missed the end of a snapshot; they take it now. Any other
+//!    difference makes a replica stale: it is rebuilt.
+//! 5. The union of the members' write-intent regions is compared region by
+//!    region (CRC32C of the content) and the regions that differ are copied
+//!    from one member to the others; then everything is flushed and the
+//!    marks are cleared.
+//! 6. A new epoch naming the serving members is recorded; stale replicas
+//!    are rebuilt in the background.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+
+use super::volume::{Mode, Options, Slot, Volume};
+use super::Error;
+use crate::replica::chain::ReplicaInfo;
+use crate::replica::client::{Client, ClientError};
+use crate::replica::meta;
+use crate::replica::wire::MAX_IO_BYTES;
+
+struct Probe {
+    addr: String,
+    conns: Vec<Client>,
+    info: ReplicaInfo,
+}
+
+/// Opens `n` connections to `addr` and asks for its info.
+pub(super) async fn probe(
+    addr: &str,
+    opts: &Options,
+) -> Result<(Vec<Client>, ReplicaInfo), ClientError> {
+    let mut conns = Vec::with_capacity(opts.connections.max(1));
+    for _ in 0..opts.connections.max(1) {
+        conns.push(Client::connect_with_timeout(addr, opts.timeout).await?);
+    }
+    let info = conns[0].info().await?;
+    Ok((conns, info))
+}
+
+/// Snapshot file names below the head, bottom first.
+fn snapshots(info: &ReplicaInfo) -> Vec<String> {
+    info.chain.iter().skip(1).rev().cloned().collect()
+}
+
+impl Volume {
+    /// Connects to the replicas, decides which may serve (see the module
+    /// documentation), resyncs them, and starts rebuilding the others.
+    pub async fn open_with(
+        name: &str,
+        size: u64,
+        addrs: &[String],
+        opts: Options,
+    ) -> Result<Self, Error> {
+        if addrs.is_empty() {
+            return Err(Error::NoReplicas);
+        }
+        let mut seen = BTreeSet::new();
+        for a in addrs {
+            if !seen.insert(a) {
+                return Err(Error::DuplicateReplica { addr: a.clone() });
+            }
+        }
+        let results = join_all(addrs.iter().map(|a| probe(a, &opts))).await;
+        let mut probes = Vec::new();
+        let mut slots = Vec::new();
+        for (addr, r) in addrs.iter().zip(results) {
+            match r {
+                Ok((conns, info)) => {
+                    if info.size > size {
+                        return Err(Error::SizeMismatch {
+                            addr: addr.clone(),
+                            replica: info.size,
+                            volume: size,
+                        });
+                    }
+                    probes.push(Probe {
+                        addr: addr.clone(),
+                        conns,
+                        info,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(volume.id = %name, replica.addr = %addr, error = %e, "replica unreachable at open");
+                    slots.push(Slot {
+                        addr: addr.clone(),
+                        conns: Vec::new(),
+                        mode: Mode::Failed,
+                        error: Some(format!("unreachable at open: {e}")),
+                        rebuild: None,
+                    });
+                }
+            }
+        }
+        // A replica smaller than the volume missed an expansion and is
+        // rebuilt; but if none has the size asked for, the caller is wrong.
+        if let Some(p) = probes
+            .iter()
+            .find(|_| probes.iter().all(|p| p.info.size != size))
+        {
+            return Err(Error::SizeMismatch {
+                addr: p.addr.clone(),
+                replica: p.info.size,
+                volume: size,
+            });
+        }
+        let usable = |p: &Probe| !p.info.rebuilding && p.info.size == size;
+        let top = probes
+            .iter()
+            .filter(|p| usable(p))
+            .map(|p| p.info.engine.epoch)
+            .max()
+            .unwrap_or(0);
+        let mut member = vec![false; probes.len()];
+        if top == 0 {
+            // No engine has recorded anything: a new volume.
+            for (i, p) in probes.iter().enumerate() {
+                member[i] = usable(p);
+            }
+        } else {
+            let rec = &probes
+                .iter()
+                .find(|p| usable(p) && p.info.engine.epoch == top)
+                .expect("top comes from a usable probe")
+                .info
+                .engine;
+            let missing: Vec<String> = rec
+                .members
+                .iter()
+                .filter(|m| !probes.iter().any(|p| p.addr == **m))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::MembersUnavailable { missing });
+            }
+            for (i, p) in probes.iter().enumerate() {
+                member[i] =
+                    usable(p) && rec.members.contains(&p.addr) && p.info.engine.epoch + 1 >= top;
+            }
+        }
+        // Chains: the longest wins; one snapshot short is completed.
+        let canonical = probes
+            .iter()
+            .zip(&member)
+            .filter(|(_, m)| **m)
+            .map(|(p, _)| snapshots(&p.info))
+            .max_by_key(Vec::len)
+            .ok_or(Error::NoConsistentReplica)?;
+        for (i, p) in probes.iter().enumerate() {
+            if !member[i] {
+                continue;
+            }
+            let chain = snapshots(&p.info);
+            if chain == canonical {
+                continue;
+            }
+            let last = canonical.last().and_then(|f| meta::parse_snap_file_name(f));
+            let short_by_one = chain.len() + 1 == canonical.len() && canonical.starts_with(&chain);
+            let completed = match last {
+                Some(snap) if short_by_one => {
+                    tracing::warn!(volume.id = %name, replica.addr = %p.addr, snapshot = snap, "completing an interrupted snapshot");
+                    p.conns[0].snapshot(snap, Default::default()).await.is_ok()
+                }
+                _ => false,
+            };
+            if !completed {
+                member[i] = false;
+            }
+        }
+        let source = member
+            .iter()
+            .position(|m| *m)
+            .ok_or(Error::NoConsistentReplica)?;
+        resync(name, size, &probes, &member, source).await?;
+
+        let mut stale = Vec::new();
+        for (i, p) in probes.into_iter().enumerate() {
+            if !member[i] {
+                stale.push(p.addr.clone());
+            }
+            slots.push(Slot {
+                addr: p.addr,
+                conns: p.conns,
+                mode: if member[i] {
+                    Mode::ReadWrite
+                } else {
+                    Mode::Failed
+                },
+                error: (!member[i]).then(|| "stale: to be rebuilt".to_owned()),
+                rebuild: None,
+            });
+        }
+        // Keep the caller's order.
+        slots.sort_by_key(|s| addrs.iter().position(|a| *a == s.addr));
+        let v = Volume::new(name, size, opts, slots, top);
+        v.inner.generation.fetch_add(1, Ordering::SeqCst);
+        v.inner.settle_epoch().await?;
+        tracing::info!(volume.id = %name, replicas = addrs.len(), stale = stale.len(), "volume open");
+        for addr in stale {
+            let v2 = v.clone();
+            tokio::spawn(async move {
+                if let Err(e) = v2.add_replica(&addr).await {
+                    tracing::error!(volume.id = %v2.name(), replica.addr = %addr, error = %e, "cannot rebuild stale replica");
+                }
+            });
+        }
+        Ok(v)
+    }
+}
+
+/// Step 5: compare and copy the members' write-intent regions.
+async fn resync(
+    name: &str,
+    size: u64,
+    probes: &[Probe],
+    member: &[bool],
+    source: usize,
+) -> Result<(), Error> {
+    let members: Vec<&Probe> = probes
+        .iter()
+        .zip(member)
+        .filter(|(_, m)| **m)
+        .map(|(p, _)| p)
+        .collect();
+    let mut ranges = BTreeSet::new();
+    for p in &members {
+        let rec = &p.info.engine;
+        for r in &rec.intent {
+            let start = r.saturating_mul(rec.region_bytes);
+            if start < size {
+                ranges.insert((start, (start + rec.region_bytes).min(size)));
+            }
+        }
+    }
+    let err = |p: &Probe| {
+        let addr = p.addr.clone();
+        move |cause| Error::Replica { addr, cause }
+    };
+    let src = &probes[source];
+    let mut copied = 0u64;
+    for (start, end) in &ranges {
+        let len = end - start;
+        let want = src.conns[0].checksum(*start, len).await.map_err(err(src))?;
+        for p in &members {
+            if std::ptr::eq(*p, src) {
+                continue;
+            }
+            let have = p.conns[0].checksum(*start, len).await.map_err(err(p))?;
+            if have == want {
+                continue;
+            }
+            let mut at = *start;
+            while at < *end {
+                let n = (end - at).min(MAX_IO_BYTES);
+                let data = src.conns[0].read(at, n).await.map_err(err(src))?;
+                p.conns[0]
+                    .write(at, Bytes::from(data))
+                    .await
+                    .map_err(err(p))?;
+                at += n;
+            }
+            copied += len;
+        }
+    }
+    for p in &members {
+        p.conns[0].flush().await.map_err(err(p))?;
+        let rec = &p.info.engine;
+        let all: Vec<u64> = rec.intent.iter().copied().collect();
+        if !all.is_empty() {
+            p.conns[0]
+                .update_intent(rec.region_bytes, Vec::new(), all)
+                .await
+                .map_err(err(p))?;
+        }
+    }
+    if !ranges.is_empty() {
+        tracing::info!(volume.id = %name, regions = ranges.len(), copied_bytes = copied, "resynced write-intent regions");
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Real replica processes for the engine tests: start, signal, stop, and
+//! compare what their directories hold.
+
+#![allow(dead_code)] // each test binary uses a different part
+#![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shorthorn::replica::Replica;
+
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves no replica behind holding its pipes.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        signal(&self.0, nix::sys::signal::Signal::SIGCONT);
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// SIGTERM and wait: the replica closes cleanly.
+    pub fn stop(mut self) {
+        signal(&self.0, nix::sys::signal::Signal::SIGTERM);
+        let st = self.0.wait().unwrap();
+        assert!(st.success(), "replica exited with {st}");
+    }
+}
+
+pub fn signal(c: &Child, s: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap()),
+        s,
+    );
+}
+
+/// A free loopback address.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// Starts a replica of `size` bytes in `dir` listening on `addr`.
+pub fn spawn_replica(dir: &Path, size: u64, addr: &str) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+        .args([
+            "replica",
+            "--size",
+            &size.to_string(),
+            "--listen",
+            addr,
+            "--dir",
+        ])
+        .arg(dir)
+        .env("SHORTHORN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn shorthorn replica");
+    Proc(child)
+}
+
+/// [`spawn_replica`], then waits until it accepts connections.
+pub fn start_replica_at(dir: &Path, size: u64, addr: &str) -> Proc {
+    let p = spawn_replica(dir, size, addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "replica at {addr} never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// [`start_replica_at`] on a free address.
+pub fn start_replica(dir: &Path, size: u64) -> (Proc, String) {
+    let addr = free_addr();
+    (start_replica_at(dir, size, &addr), addr)
+}
+
+/// The bytes at `block` written with `tag`: unique per (block, tag).
+pub fn content(block: u64, tag: u32) -> Vec<u8> {
+    let mut b = vec![(tag % 251) as u8 + 1; 4096];
+    b[..8].copy_from_slice(&block.to_le_bytes());
+    b[8..12].copy_from_slice(&tag.to_le_bytes());
+    b
+}
+
+/// The tag of a block written by [`content`], `Some(0)` for zeros, `None`
+/// for anything else (torn or misplaced data).
+pub fn tag_of(block: u64, data: &[u8]) -> Option<u32> {
+    if data.iter().all(|&x| x == 0) {
+        return Some(0);
+    }
+    let tag = u32::from_le_bytes(data[8..12].try_into().unwrap());
+    (data == content(block, tag).as_slice()).then_some(tag)
+}
+
+/// SHA-256 of everything a (stopped) replica directory's volume reads as.
+pub fn replica_digest(dir: &Path, size: u64) -> Vec<u8> {
+    use sha2::Digest;
+    let r = Replica::open(dir, None).unwrap();
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        r.read(off, &mut buf[..n]).unwrap();
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize().to_vec()
+}
