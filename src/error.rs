@@ -48,6 +48,36 @@ impl ErrorKind {
         }
     }
 
+    /// The gRPC status code this kind is reported as (the CSI spec's codes
+    /// for the same situations).
+    pub fn grpc_code(self) -> tonic::Code {
+        match self {
+            Self::NotFound => tonic::Code::NotFound,
+            Self::AlreadyExists => tonic::Code::AlreadyExists,
+            Self::InvalidArgument => tonic::Code::InvalidArgument,
+            Self::Unavailable => tonic::Code::Unavailable,
+            Self::OutOfRange => tonic::Code::OutOfRange,
+            Self::Corrupt => tonic::Code::DataLoss,
+            Self::Io => tonic::Code::Internal,
+            Self::FailedPrecondition => tonic::Code::FailedPrecondition,
+        }
+    }
+
+    /// The kind a gRPC status code stands for, on the client side.
+    pub fn from_grpc(code: tonic::Code) -> Option<Self> {
+        Some(match code {
+            tonic::Code::NotFound => Self::NotFound,
+            tonic::Code::AlreadyExists => Self::AlreadyExists,
+            tonic::Code::InvalidArgument => Self::InvalidArgument,
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => Self::Unavailable,
+            tonic::Code::OutOfRange => Self::OutOfRange,
+            tonic::Code::DataLoss => Self::Corrupt,
+            tonic::Code::Internal => Self::Io,
+            tonic::Code::FailedPrecondition => Self::FailedPrecondition,
+            _ => return None,
+        })
+    }
+
     /// Decodes a kind from its wire value.
     pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
+use shorthorn::engine::{self, control};
 use shorthorn::error::ErrorKind;
 use shorthorn::replica::client::{Client, ClientError};
 use shorthorn::replica::{self, Replica};
@@ -45,6 +46,95 @@ enum Mode {
     Replica(ReplicaArgs),
     /// Drive a running replica: I/O, snapshots, info.
     ReplicaCtl(ReplicaCtlArgs),
+    /// Serve one volume mirrored over its replicas, with its control API.
+    Engine(EngineArgs),
+    /// Drive a running engine through its control API.
+    EngineCtl(EngineCtlArgs),
+}
+
+#[derive(Parser, Debug)]
+struct EngineArgs {
+    /// Volume name.
+    #[arg(long, env = "SHORTHORN_VOLUME")]
+    volume: String,
+    /// Volume size, e.g. 10Gi; every replica must have it (or be smaller
+    /// and get rebuilt).
+    #[arg(long, value_parser = parse_size, env = "SHORTHORN_VOLUME_SIZE")]
+    size: u64,
+    /// host:port of a replica; repeat for each.
+    #[arg(long = "replica", required = true)]
+    replicas: Vec<String>,
+    /// host:port for the gRPC control API.
+    #[arg(long, env = "SHORTHORN_ENGINE_CONTROL")]
+    control: String,
+    /// host:port for the Prometheus endpoint (GET /metrics).
+    #[arg(long, env = "SHORTHORN_ENGINE_METRICS")]
+    metrics: Option<String>,
+    /// Rebuild copy rate limit per second, e.g. 100Mi (0: unlimited).
+    #[arg(long, value_parser = parse_size, default_value = "200Mi")]
+    rebuild_rate: u64,
+    /// Seconds a replica may take to answer before it is failed.
+    #[arg(long, default_value_t = 8)]
+    replica_timeout_secs: u64,
+}
+
+#[derive(Parser, Debug)]
+struct EngineCtlArgs {
+    /// host:port of the engine's control API.
+    #[arg(long, env = "SHORTHORN_ENGINE_CONTROL")]
+    addr: String,
+    #[command(subcommand)]
+    cmd: EngineCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum EngineCmd {
+    /// Health, replicas and their modes, rebuild progress (JSON).
+    Status,
+    /// Add a replica (empty or stale); it rebuilds online.
+    AddReplica {
+        /// host:port of the replica.
+        address: String,
+    },
+    /// Take a replica out of the volume.
+    RemoveReplica {
+        /// host:port of the replica.
+        address: String,
+    },
+    /// List the volume's snapshots (JSON).
+    Snapshots,
+    #[command(flatten)]
+    Snap(SnapCmd),
+}
+
+/// Snapshot commands both `replica-ctl` and `engine-ctl` take (the engine
+/// runs them on every replica, crash-consistently).
+#[derive(Subcommand, Debug)]
+enum SnapCmd {
+    /// Take a snapshot.
+    Snapshot {
+        /// Snapshot name.
+        name: String,
+        /// Labels, key=value.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Remove a snapshot (its data merges into its child).
+    RemoveSnapshot {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Revert to a snapshot (the volume must not be in use).
+    Revert {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Grow the volume (online).
+    Expand {
+        /// New size, e.g. 2Gi.
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
 }
 
 #[derive(Parser, Debug)]
@@ -111,30 +201,8 @@ enum CtlCmd {
     },
     /// Make all acknowledged writes durable.
     Flush,
-    /// Snapshot the head.
-    Snapshot {
-        /// Snapshot name.
-        name: String,
-        /// Labels, key=value.
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-    },
-    /// Remove a snapshot (its data merges into its child).
-    RemoveSnapshot {
-        /// Snapshot name.
-        name: String,
-    },
-    /// Revert the head to a snapshot.
-    Revert {
-        /// Snapshot name.
-        name: String,
-    },
-    /// Grow the volume.
-    Expand {
-        /// New size, e.g. 2Gi.
-        #[arg(value_parser = parse_size)]
-        size: u64,
-    },
+    #[command(flatten)]
+    Snap(SnapCmd),
     /// List a layer's data extents with CRC32C checksums (JSON).
     Extents {
         /// Snapshot name or `head`.
@@ -187,6 +255,12 @@ fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
         c.downcast_ref::<ClientError>()
             .map(ClientError::kind)
             .or_else(|| c.downcast_ref::<replica::Error>().map(replica::Error::kind))
+            .or_else(|| c.downcast_ref::<engine::Error>().map(engine::Error::kind))
+            .or_else(|| c.downcast_ref::<Remote>().and_then(|r| r.kind))
+            .or_else(|| {
+                c.downcast_ref::<tonic::transport::Error>()
+                    .map(|_| ErrorKind::Unavailable)
+            })
     })
 }
 
@@ -201,6 +275,8 @@ fn run(cli: Cli) -> Result<()> {
         match cli.mode {
             Mode::Replica(a) => run_replica(a).await,
             Mode::ReplicaCtl(a) => run_ctl(a).await,
+            Mode::Engine(a) => run_engine(a).await,
+            Mode::EngineCtl(a) => run_engine_ctl(a).await,
         }
     })
 }
@@ -269,13 +345,13 @@ async fn run_ctl(a: ReplicaCtlArgs) -> Result<()> {
         }
         CtlCmd::Unmap { offset, len } => c.unmap(offset, len).await?,
         CtlCmd::Flush => c.flush().await?,
-        CtlCmd::Snapshot { name, labels } => {
+        CtlCmd::Snap(SnapCmd::Snapshot { name, labels }) => {
             c.snapshot(&name, labels.into_iter().collect::<BTreeMap<_, _>>())
                 .await?
         }
-        CtlCmd::RemoveSnapshot { name } => c.remove_snapshot(&name).await?,
-        CtlCmd::Revert { name } => c.revert(&name).await?,
-        CtlCmd::Expand { size } => c.expand(size).await?,
+        CtlCmd::Snap(SnapCmd::RemoveSnapshot { name }) => c.remove_snapshot(&name).await?,
+        CtlCmd::Snap(SnapCmd::Revert { name }) => c.revert(&name).await?,
+        CtlCmd::Snap(SnapCmd::Expand { size }) => c.expand(size).await?,
         CtlCmd::Extents { layer } => {
             let mut from = 0;
             let mut all = Vec::new();
@@ -290,5 +366,167 @@ async fn run_ctl(a: ReplicaCtlArgs) -> Result<()> {
             writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
         }
     }
+    Ok(())
+}
+
+async fn run_engine(a: EngineArgs) -> Result<()> {
+    let span = tracing::info_span!("engine", volume.id = %a.volume);
+    let _g = span.enter();
+    let opts = engine::Options {
+        timeout: std::time::Duration::from_secs(a.replica_timeout_secs.max(1)),
+        rebuild_bytes_per_sec: a.rebuild_rate,
+        ..engine::Options::default()
+    };
+    // Bind first: a taken port is reported before any replica is touched.
+    let control_listener = control::bind(&a.control)
+        .await
+        .with_context(|| format!("listening on {}", a.control))?;
+    let metrics_listener = match &a.metrics {
+        Some(m) => Some(
+            control::bind(m)
+                .await
+                .with_context(|| format!("listening on {m}"))?,
+        ),
+        None => None,
+    };
+    let volume = engine::Volume::open_with(&a.volume, a.size, &a.replicas, opts)
+        .await
+        .with_context(|| format!("opening volume {}", a.volume))?;
+    let st = volume.status();
+    tracing::info!(health = ?st.health, epoch = st.epoch, control = %a.control, "engine serving");
+    if let Some(l) = metrics_listener {
+        let v = volume.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control::serve_metrics(v, l).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    control::ControlService::new(volume.clone())
+        .serve(control_listener, shutdown)
+        .await?;
+    tracing::info!("shutting down");
+    volume.flush().await?;
+    Ok(())
+}
+
+/// An error a server answered with: its message, and the kind its gRPC
+/// code stands for (which sets the exit status).
+#[derive(Debug)]
+struct Remote {
+    kind: Option<ErrorKind>,
+    message: String,
+}
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Remote {}
+
+fn remote(s: tonic::Status) -> Remote {
+    Remote {
+        kind: ErrorKind::from_grpc(s.code()),
+        message: if s.message().is_empty() {
+            s.code().to_string()
+        } else {
+            s.message().to_owned()
+        },
+    }
+}
+
+async fn run_engine_ctl(a: EngineCtlArgs) -> Result<()> {
+    use control::pb;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", a.addr))
+        .with_context(|| format!("{:?} is not a host:port address", a.addr))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let mut c = control::EngineClient::new(
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to the engine at {}", a.addr))?,
+    );
+    let status_json = |s: pb::StatusResponse| {
+        let health = pb::Health::try_from(s.health).map_or("unknown", |h| h.as_str_name());
+        serde_json::json!({
+            "volume": s.volume,
+            "size_bytes": s.size_bytes,
+            "health": health.trim_start_matches("HEALTH_").to_lowercase(),
+            "epoch": s.epoch,
+            "intent_regions": s.intent_regions,
+            "replicas": s.replicas.into_iter().map(|r| serde_json::json!({
+                "address": r.address,
+                "mode": pb::ReplicaMode::try_from(r.mode)
+                    .map_or("unknown", |m| m.as_str_name())
+                    .trim_start_matches("REPLICA_MODE_")
+                    .to_lowercase(),
+                "error": r.error,
+                "rebuild": r.rebuild,
+            })).collect::<Vec<_>>(),
+        })
+    };
+    let out = match a.cmd {
+        EngineCmd::Status => status_json(
+            c.status(pb::StatusRequest {})
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        ),
+        EngineCmd::AddReplica { address } => status_json(
+            c.add_replica(pb::ReplicaRequest { address })
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        ),
+        EngineCmd::RemoveReplica { address } => status_json(
+            c.remove_replica(pb::ReplicaRequest { address })
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        ),
+        EngineCmd::Snap(SnapCmd::Expand { size }) => status_json(
+            c.expand(pb::ExpandRequest { size_bytes: size })
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        ),
+        EngineCmd::Snap(SnapCmd::Snapshot { name, labels }) => serde_json::to_value(
+            c.snapshot(pb::SnapshotRequest {
+                name,
+                labels: labels.into_iter().collect(),
+            })
+            .await
+            .map_err(remote)?
+            .into_inner(),
+        )?,
+        EngineCmd::Snapshots => serde_json::to_value(
+            c.list_snapshots(pb::ListSnapshotsRequest {})
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        )?,
+        EngineCmd::Snap(SnapCmd::RemoveSnapshot { name }) => serde_json::to_value(
+            c.remove_snapshot(pb::SnapshotNameRequest { name })
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        )?,
+        EngineCmd::Snap(SnapCmd::Revert { name }) => serde_json::to_value(
+            c.revert(pb::SnapshotNameRequest { name })
+                .await
+                .map_err(remote)?
+                .into_inner(),
+        )?,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

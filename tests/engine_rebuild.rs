@@ -385,6 +385,24 @@ async fn snapshots_expand_and_revert_act_on_every_replica() {
     stop.store(true, Ordering::Relaxed);
     w.await.unwrap();
 
+    // The writes were counted, per volume and per replica.
+    let m = v.metrics_text();
+    let count = |series: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("no {series} in\n{m}"))
+    };
+    let writes = count("shorthorn_volume_requests_total{volume=\"vol\",op=\"write\"}");
+    assert!(writes > 10, "{writes} writes counted");
+    let on_replica = format!(
+        "shorthorn_replica_requests_total{{volume=\"vol\",replica=\"{}\",op=\"write\"}}",
+        addrs[1]
+    );
+    assert!(
+        count(&on_replica) >= writes,
+        "every write reaches every replica"
+    );
+
     let e = v.snapshot("s1", Default::default()).await.unwrap_err();
     assert_eq!(e.kind(), shorthorn::error::ErrorKind::AlreadyExists, "{e}");
     assert_eq!(

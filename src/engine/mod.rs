@@ -8,7 +8,9 @@
 //! (enforced by `tests/layering.rs`). Frontends call into the engine, never
 //! the other way round.
 
+pub mod control;
 pub mod intent;
+pub mod metrics;
 pub mod ranges;
 mod rebuild;
 mod startup;

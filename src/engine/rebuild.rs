@@ -84,6 +84,7 @@ impl Volume {
                 mode: Mode::WriteOnly,
                 error: None,
                 rebuild: Some(Arc::clone(&progress)),
+                metrics: Arc::new(inner.metrics.replica_handles(addr)),
             };
             if let Some(i) = slots.iter().position(|s| s.addr == addr) {
                 slots[i] = slot;

@@ -22,10 +22,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::join_all;
 
+use super::metrics::Metrics;
 use super::volume::{Mode, Options, Slot, Volume};
 use super::Error;
 use crate::replica::chain::ReplicaInfo;
@@ -75,6 +77,7 @@ impl Volume {
                 return Err(Error::DuplicateReplica { addr: a.clone() });
             }
         }
+        let metrics = Arc::new(Metrics::new(name));
         let results = join_all(addrs.iter().map(|a| probe(a, &opts))).await;
         let mut probes = Vec::new();
         let mut slots = Vec::new();
@@ -102,6 +105,7 @@ impl Volume {
                         mode: Mode::Failed,
                         error: Some(format!("unreachable at open: {e}")),
                         rebuild: None,
+                        metrics: Arc::new(metrics.replica_handles(addr)),
                     });
                 }
             }
@@ -193,6 +197,7 @@ impl Volume {
                 stale.push(p.addr.clone());
             }
             slots.push(Slot {
+                metrics: Arc::new(metrics.replica_handles(&p.addr)),
                 addr: p.addr,
                 conns: p.conns,
                 mode: if member[i] {
@@ -206,7 +211,7 @@ impl Volume {
         }
         // Keep the caller's order.
         slots.sort_by_key(|s| addrs.iter().position(|a| *a == s.addr));
-        let v = Volume::new(name, size, opts, slots, top);
+        let v = Volume::new(name, size, opts, slots, top, metrics);
         v.inner.generation.fetch_add(1, Ordering::SeqCst);
         v.inner.settle_epoch().await?;
         tracing::info!(volume.id = %name, replicas = addrs.len(), stale = stale.len(), "volume open");

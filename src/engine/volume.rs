@@ -24,13 +24,14 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use serde::Serialize;
 
 use super::intent::{Intent, DEFAULT_REGION_BYTES};
+use super::metrics::{Handles, Metrics, Op};
 use super::ranges::RangeLocks;
 use super::Error;
 use crate::error::ErrorKind;
@@ -171,6 +172,7 @@ pub(super) struct Slot {
     pub(super) mode: Mode,
     pub(super) error: Option<String>,
     pub(super) rebuild: Option<Arc<Progress>>,
+    pub(super) metrics: Arc<Handles>,
 }
 
 impl Slot {
@@ -211,6 +213,8 @@ pub(super) struct Inner {
     pub(super) ranges: RangeLocks,
     next_read: AtomicUsize,
     next_conn: AtomicUsize,
+    pub(super) metrics: Arc<Metrics>,
+    io_metrics: Handles,
     /// Held while a rebuild runs (at most one at a time).
     pub(super) rebuilding: Arc<tokio::sync::Mutex<()>>,
 }
@@ -240,8 +244,16 @@ impl Volume {
         Self::open_with(name, size, addrs, opts).await
     }
 
-    pub(super) fn new(name: &str, size: u64, opts: Options, slots: Vec<Slot>, epoch: u64) -> Self {
+    pub(super) fn new(
+        name: &str,
+        size: u64,
+        opts: Options,
+        slots: Vec<Slot>,
+        epoch: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let region = opts.region_bytes;
+        let io_metrics = metrics.volume_handles();
         Self {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
@@ -259,6 +271,8 @@ impl Volume {
                 next_read: AtomicUsize::new(0),
                 next_conn: AtomicUsize::new(0),
                 rebuilding: Arc::new(tokio::sync::Mutex::new(())),
+                metrics,
+                io_metrics,
             }),
         }
     }
@@ -287,8 +301,34 @@ impl Volume {
         })
     }
 
+    /// The volume's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.encode(&self.status())
+    }
+
+    async fn timed<T>(
+        &self,
+        op: Op,
+        bytes: u64,
+        f: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let t = Instant::now();
+        let r = f.await;
+        self.inner
+            .io_metrics
+            .op(op)
+            .record(bytes, t.elapsed(), r.is_ok());
+        r
+    }
+
     /// Writes `data` at `offset` (512-byte aligned) on every replica.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), Error> {
+        let len = data.len() as u64;
+        self.timed(Op::write, len, self.write_inner(offset, data))
+            .await
+    }
+
+    async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), Error> {
         let len = data.len() as u64;
         self.check_io(offset, len)?;
         let _g = self.inner.gate.read().await;
@@ -316,6 +356,11 @@ impl Volume {
     /// reads back as zeros. Partial blocks at the edges are zeroed by
     /// read-modify-write; whole blocks are unmapped.
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.timed(Op::unmap, len, self.unmap_inner(offset, len))
+            .await
+    }
+
+    async fn unmap_inner(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.check_io(offset, len)?;
         let _g = self.inner.gate.read().await;
         let end = offset + len;
@@ -360,12 +405,20 @@ impl Volume {
 
     /// Makes every acknowledged write durable on every replica.
     pub async fn flush(&self) -> Result<(), Error> {
-        let _g = self.inner.gate.read().await;
-        self.inner.flush_all().await
+        self.timed(Op::flush, 0, async {
+            let _g = self.inner.gate.read().await;
+            self.inner.flush_all().await
+        })
+        .await
     }
 
     /// Reads `len` bytes at `offset` (512-byte aligned).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        self.timed(Op::read, len, self.read_inner(offset, len))
+            .await
+    }
+
+    async fn read_inner(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
         self.check_io(offset, len)?;
         let _g = self.inner.gate.read().await;
         let (a, b) = block_bounds(offset, len);
@@ -424,7 +477,7 @@ impl Volume {
     /// them (active chain first, head down).
     pub async fn list_snapshots(&self) -> Result<Vec<LayerInfo>, Error> {
         loop {
-            let (i, c) = self.inner.pick_reader()?;
+            let (i, c, _) = self.inner.pick_reader()?;
             match c.list().await {
                 Ok(l) => return Ok(l),
                 Err(e) => self.inner.fail(i, &e),
@@ -474,6 +527,14 @@ impl Volume {
     }
 }
 
+/// A replica a write goes to.
+struct Target {
+    index: usize,
+    client: Client,
+    read_write: bool,
+    metrics: Arc<Handles>,
+}
+
 /// The 4 KiB-aligned bounds around `[offset, offset+len)`.
 fn block_bounds(offset: u64, len: u64) -> (u64, u64) {
     (
@@ -487,18 +548,23 @@ impl Inner {
         lock(&self.slots)
     }
 
-    /// Every replica that receives writes: `(index, client, read-write?)`.
-    fn targets(&self) -> Vec<(usize, Client, bool)> {
+    /// Every replica that receives writes.
+    fn targets(&self) -> Vec<Target> {
         let seq = self.next_conn.fetch_add(1, Ordering::Relaxed);
         self.slots()
             .iter()
             .enumerate()
             .filter(|(_, s)| s.mode != Mode::Failed)
-            .map(|(i, s)| (i, s.client(seq), s.mode == Mode::ReadWrite))
+            .map(|(i, s)| Target {
+                index: i,
+                client: s.client(seq),
+                read_write: s.mode == Mode::ReadWrite,
+                metrics: Arc::clone(&s.metrics),
+            })
             .collect()
     }
 
-    fn pick_reader(&self) -> Result<(usize, Client), Error> {
+    fn pick_reader(&self) -> Result<(usize, Client, Arc<Handles>), Error> {
         let seq = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let slots = self.slots();
         let rw: Vec<usize> = (0..slots.len())
@@ -508,7 +574,7 @@ impl Inner {
             return Err(Error::Faulted);
         }
         let i = rw[self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len()];
-        Ok((i, slots[i].client(seq)))
+        Ok((i, slots[i].client(seq), Arc::clone(&slots[i].metrics)))
     }
 
     /// Takes replica `i` out of the volume.
@@ -576,19 +642,29 @@ impl Inner {
     /// Sends the same request to every replica that takes writes, fails
     /// those that err, and settles the epoch. `Ok` only if at least one
     /// read-write replica took it and none still read-write missed it.
-    async fn mirror<F, Fut>(&self, op: F) -> Result<(), Error>
+    async fn mirror<F, Fut>(&self, kind: Op, bytes: u64, op: F) -> Result<(), Error>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<(), ClientError>>,
     {
         let targets = self.targets();
-        if !targets.iter().any(|t| t.2) {
+        if !targets.iter().any(|t| t.read_write) {
             return Err(Error::Faulted);
         }
-        let results = join_all(targets.iter().map(|(_, c, _)| op(c.clone()))).await;
+        let results = join_all(targets.iter().map(|t| {
+            let f = op(t.client.clone());
+            async move {
+                let start = Instant::now();
+                let r = f.await;
+                t.metrics.op(kind).record(bytes, start.elapsed(), r.is_ok());
+                r
+            }
+        }))
+        .await;
         let mut ok = 0;
         let mut refused = None;
-        for ((i, _, rw), r) in targets.iter().zip(results) {
+        for (t, r) in targets.iter().zip(results) {
+            let (i, rw) = (&t.index, &t.read_write);
             match r {
                 Ok(()) => ok += usize::from(*rw),
                 // The request itself is bad: every replica says so; do not
@@ -717,7 +793,7 @@ impl Inner {
                 (it.region_bytes(), it.take_wanted())
             };
             let res = self
-                .mirror(|c| {
+                .mirror(Op::flush, 0, |c| {
                     let a = add.clone();
                     async move { c.update_intent(region, a, Vec::new()).await }
                 })
@@ -734,8 +810,9 @@ impl Inner {
     }
 
     pub(super) async fn write_blocks(&self, offset: u64, data: Bytes) -> Result<(), Error> {
-        self.with_intent(offset, data.len() as u64, async {
-            self.mirror(|c| {
+        let len = data.len() as u64;
+        self.with_intent(offset, len, async {
+            self.mirror(Op::write, len, |c| {
                 let d = data.clone();
                 async move { c.write(offset, d).await }
             })
@@ -746,23 +823,32 @@ impl Inner {
 
     async fn unmap_blocks(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.with_intent(offset, len, async {
-            self.mirror(|c| async move { c.unmap(offset, len).await })
-                .await
+            self.mirror(
+                Op::unmap,
+                len,
+                |c| async move { c.unmap(offset, len).await },
+            )
+            .await
         })
         .await
     }
 
     pub(super) async fn flush_all(&self) -> Result<(), Error> {
         let f = lock(&self.intent).start_flush();
-        self.mirror(|c| async move { c.flush().await }).await?;
+        self.mirror(Op::flush, 0, |c| async move { c.flush().await })
+            .await?;
         let clear = lock(&self.intent).take_clearable(f);
         if !clear.is_empty() {
             let _io = self.intent_io.lock().await;
             let region = lock(&self.intent).region_bytes();
             // A failed clear leaves extra marks: a resync would compare a
             // region more than needed, nothing worse.
-            for (_, c, _) in self.targets() {
-                if let Err(e) = c.update_intent(region, Vec::new(), clear.clone()).await {
+            for t in self.targets() {
+                if let Err(e) = t
+                    .client
+                    .update_intent(region, Vec::new(), clear.clone())
+                    .await
+                {
                     tracing::warn!(volume.id = %self.name, error = %e, "cannot clear write intent");
                 }
             }
@@ -774,8 +860,11 @@ impl Inner {
     /// one fails.
     pub(super) async fn read_blocks(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
         loop {
-            let (i, c) = self.pick_reader()?;
-            match c.read(offset, len).await {
+            let (i, c, m) = self.pick_reader()?;
+            let start = Instant::now();
+            let r = c.read(offset, len).await;
+            m.op(Op::read).record(len, start.elapsed(), r.is_ok());
+            match r {
                 Ok(data) => return Ok(data),
                 Err(ClientError::Remote { kind, message }) if is_request_error(kind) => {
                     return Err(Error::Refused { kind, message })

@@ -1,0 +1,247 @@
+//! What an operator graphs and alerts on, per volume and per replica:
+//! request counts, bytes, errors and latency histograms, and the replica
+//! set's state. Rendered in the Prometheus text format by [`Metrics::encode`].
+//!
+//! Handles to each series are created once (per volume at open, per replica
+//! when it joins), so the I/O path only increments atomics and observes a
+//! histogram.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::volume::{Health, Mode, VolumeStatus};
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The request kinds counted.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values as Prometheus users spell them
+pub enum Op {
+    /// Read.
+    read,
+    /// Write.
+    write,
+    /// Unmap (trim).
+    unmap,
+    /// Flush.
+    flush,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    volume: String,
+    op: Op,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    volume: String,
+    replica: String,
+    op: Op,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    volume: String,
+    replica: String,
+    mode: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    volume: String,
+}
+
+fn new_histogram() -> Histogram {
+    // 20 µs to about 10 s, doubling.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        20e-6, 2.0, 20,
+    ))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Series handles for one request kind.
+#[derive(Debug, Clone)]
+pub struct OpHandles {
+    requests: Counter,
+    errors: Counter,
+    bytes: Counter,
+    seconds: Histogram,
+}
+
+impl OpHandles {
+    /// Records one request.
+    pub fn record(&self, bytes: u64, took: Duration, ok: bool) {
+        self.requests.inc();
+        self.bytes.inc_by(bytes);
+        if !ok {
+            self.errors.inc();
+        }
+        self.seconds.observe(took.as_secs_f64());
+    }
+}
+
+/// Handles for one volume or replica, indexed by [`Op`].
+#[derive(Debug, Clone)]
+pub struct Handles([OpHandles; 4]);
+
+impl Handles {
+    /// The handles of `op`.
+    pub fn op(&self, op: Op) -> &OpHandles {
+        &self.0[op as usize]
+    }
+}
+
+const OPS: [Op; 4] = [Op::read, Op::write, Op::unmap, Op::flush];
+
+/// The engine's metrics registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    volume: String,
+    v_requests: Family<VolumeLabels, Counter>,
+    v_errors: Family<VolumeLabels, Counter>,
+    v_bytes: Family<VolumeLabels, Counter>,
+    v_seconds: HistogramFamily<VolumeLabels>,
+    r_requests: Family<ReplicaLabels, Counter>,
+    r_errors: Family<ReplicaLabels, Counter>,
+    r_bytes: Family<ReplicaLabels, Counter>,
+    r_seconds: HistogramFamily<ReplicaLabels>,
+    replica_mode: Family<StateLabels, Gauge>,
+    health: Family<NameLabel, Gauge>,
+    size: Family<NameLabel, Gauge>,
+    rebuild_done: Family<StateLabels, Gauge>,
+    rebuild_total: Family<StateLabels, Gauge>,
+}
+
+impl Metrics {
+    /// A registry for volume `volume`.
+    pub fn new(volume: &str) -> Self {
+        let mut registry = Registry::with_prefix("shorthorn");
+        let m = Self {
+            registry: Registry::default(),
+            volume: volume.to_owned(),
+            v_requests: Family::default(),
+            v_errors: Family::default(),
+            v_bytes: Family::default(),
+            v_seconds: Family::new_with_constructor(new_histogram),
+            r_requests: Family::default(),
+            r_errors: Family::default(),
+            r_bytes: Family::default(),
+            r_seconds: Family::new_with_constructor(new_histogram),
+            replica_mode: Family::default(),
+            health: Family::default(),
+            size: Family::default(),
+            rebuild_done: Family::default(),
+            rebuild_total: Family::default(),
+        };
+        macro_rules! register {
+            ($($field:ident: $name:literal, $help:literal;)*) => {
+                $(registry.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            v_requests: "volume_requests", "Requests the volume served";
+            v_errors: "volume_errors", "Requests the volume failed";
+            v_bytes: "volume_bytes", "Bytes read, written or unmapped";
+            v_seconds: "volume_request_seconds", "Latency of volume requests";
+            r_requests: "replica_requests", "Requests sent to each replica";
+            r_errors: "replica_errors", "Requests a replica failed or timed out";
+            r_bytes: "replica_bytes", "Bytes sent to or read from each replica";
+            r_seconds: "replica_request_seconds", "Latency of each replica's requests";
+            replica_mode: "replica_mode", "1 for the replica's current mode";
+            health: "volume_health", "0 healthy, 1 degraded, 2 faulted";
+            size: "volume_size_bytes", "Volume size";
+            rebuild_done: "replica_rebuild_done_bytes", "Bytes compared or copied by the replica's rebuild";
+            rebuild_total: "replica_rebuild_total_bytes", "Bytes the replica's rebuild has to go through";
+        }
+        Self { registry, ..m }
+    }
+
+    /// The volume's handles.
+    pub fn volume_handles(&self) -> Handles {
+        Handles(OPS.map(|op| {
+            let l = VolumeLabels {
+                volume: self.volume.clone(),
+                op,
+            };
+            OpHandles {
+                requests: self.v_requests.get_or_create(&l).clone(),
+                errors: self.v_errors.get_or_create(&l).clone(),
+                bytes: self.v_bytes.get_or_create(&l).clone(),
+                seconds: self.v_seconds.get_or_create(&l).clone(),
+            }
+        }))
+    }
+
+    /// The handles of replica `addr`.
+    pub fn replica_handles(&self, addr: &str) -> Handles {
+        Handles(OPS.map(|op| {
+            let l = ReplicaLabels {
+                volume: self.volume.clone(),
+                replica: addr.to_owned(),
+                op,
+            };
+            OpHandles {
+                requests: self.r_requests.get_or_create(&l).clone(),
+                errors: self.r_errors.get_or_create(&l).clone(),
+                bytes: self.r_bytes.get_or_create(&l).clone(),
+                seconds: self.r_seconds.get_or_create(&l).clone(),
+            }
+        }))
+    }
+
+    /// Renders every series, with the state gauges taken from `st`.
+    pub fn encode(&self, st: &VolumeStatus) -> String {
+        let name = NameLabel {
+            volume: self.volume.clone(),
+        };
+        self.health.get_or_create(&name).set(match st.health {
+            Health::Healthy => 0,
+            Health::Degraded => 1,
+            Health::Faulted => 2,
+        });
+        self.size.get_or_create(&name).set(gauge(st.size));
+        self.replica_mode.clear();
+        for r in &st.replicas {
+            for (mode, label) in [
+                (Mode::ReadWrite, "read_write"),
+                (Mode::WriteOnly, "write_only"),
+                (Mode::Failed, "failed"),
+            ] {
+                let l = StateLabels {
+                    volume: self.volume.clone(),
+                    replica: r.addr.clone(),
+                    mode: label,
+                };
+                self.replica_mode
+                    .get_or_create(&l)
+                    .set(i64::from(r.mode == mode));
+            }
+            if let Some(p) = &r.rebuild {
+                let l = StateLabels {
+                    volume: self.volume.clone(),
+                    replica: r.addr.clone(),
+                    mode: "rebuild",
+                };
+                self.rebuild_done.get_or_create(&l).set(gauge(p.done_bytes));
+                self.rebuild_total
+                    .get_or_create(&l)
+                    .set(gauge(p.total_bytes));
+            }
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,187 @@
+//! `shorthorn engine` and `shorthorn engine-ctl` as a user runs them: an
+//! engine process over three replica processes, driven through its gRPC
+//! control API by the CLI, with its Prometheus endpoint scraped over HTTP.
+
+mod cluster;
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster::{free_addr, start_replica, Proc};
+
+const SIZE: u64 = 32 << 20;
+
+fn ctl(control: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+        .args(["engine-ctl", "--addr", control])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ctl_json(control: &str, args: &[&str]) -> serde_json::Value {
+    let out = ctl(control, args);
+    assert!(
+        out.status.success(),
+        "engine-ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+fn start_engine(replicas: &[String], control: &str, metrics: &str) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
+    cmd.args(["engine", "--volume", "vol", "--size", "32Mi"])
+        .args(["--control", control, "--metrics", metrics])
+        .env("SHORTHORN_LOG", "warn")
+        .stdout(Stdio::null());
+    for r in replicas {
+        cmd.args(["--replica", r]);
+    }
+    let p = Proc(cmd.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(control).is_err() {
+        assert!(Instant::now() < deadline, "engine never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+#[test]
+fn the_engine_is_driven_through_its_control_api_and_exports_metrics() {
+    let root = tempfile::tempdir().unwrap();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..3 {
+        let (p, a) = start_replica(&root.path().join(format!("r{i}")), SIZE);
+        procs.push(p);
+        addrs.push(a);
+    }
+    let (control, metrics) = (free_addr(), free_addr());
+    let _engine = start_engine(&addrs, &control, &metrics);
+
+    let st = ctl_json(&control, &["status"]);
+    assert_eq!(st["health"], "healthy", "{st}");
+    assert_eq!(st["size_bytes"], SIZE);
+    assert_eq!(st["replicas"].as_array().unwrap().len(), 3);
+
+    let snaps = ctl_json(&control, &["snapshot", "daily", "--label", "tier=gold"]);
+    let daily = snaps["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "daily")
+        .unwrap()
+        .clone();
+    assert_eq!(daily["labels"]["tier"], "gold");
+
+    // A replica taken out and put back rebuilds and the volume heals.
+    let st = ctl_json(&control, &["remove-replica", &addrs[2]]);
+    assert_eq!(st["health"], "degraded", "{st}");
+    ctl_json(&control, &["add-replica", &addrs[2]]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = ctl_json(&control, &["status"]);
+        if st["health"] == "healthy" {
+            assert!(st["replicas"][2]["rebuild"].is_object(), "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never healed: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = ctl_json(&control, &["expand", "64Mi"]);
+    assert_eq!(st["size_bytes"], 64u64 << 20);
+
+    let m = http_get(&metrics, "/metrics");
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(
+        m.contains("shorthorn_volume_health{volume=\"vol\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("shorthorn_volume_size_bytes{volume=\"vol\"} 67108864"),
+        "{m}"
+    );
+    let mode = format!(
+        "shorthorn_replica_mode{{volume=\"vol\",replica=\"{}\",mode=\"read_write\"}} 1",
+        addrs[2]
+    );
+    assert!(m.contains(&mode), "{m}");
+    assert!(m.contains("shorthorn_volume_request_seconds_bucket"), "{m}");
+
+    // Errors: the exact kind, as the exit status, and a one-line message.
+    let out = ctl(&control, &["snapshot", "daily"]);
+    assert_eq!(out.status.code(), Some(4), "already exists");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already exists") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(
+        ctl(&control, &["remove-snapshot", "nope"]).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        ctl(&control, &["add-replica", &addrs[0]]).status.code(),
+        Some(4)
+    );
+    assert_eq!(ctl(&control, &["expand", "16Mi"]).status.code(), Some(2));
+    assert_eq!(ctl(&control, &["snapshot", "a/b"]).status.code(), Some(2));
+    let unused = free_addr();
+    assert_eq!(ctl(&unused, &["status"]).status.code(), Some(5));
+    let st = ctl_json(&control, &["status"]);
+    assert_eq!(
+        st["health"], "healthy",
+        "a refused request changed the volume: {st}"
+    );
+}
+
+#[test]
+fn an_engine_with_bad_arguments_says_what_to_fix() {
+    let root = tempfile::tempdir().unwrap();
+    let (_p, a) = start_replica(&root.path().join("r"), SIZE);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+            .arg("engine")
+            .args(args)
+            .env("SHORTHORN_LOG", "off")
+            .output()
+            .unwrap()
+    };
+    let control = free_addr();
+    let base = ["--volume", "vol", "--control", &control];
+    let out = run(&[
+        &base[..],
+        &["--size", "32Mi", "--replica", &a, "--replica", &a],
+    ]
+    .concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("named twice"));
+    let out = run(&[&base[..], &["--size", "64Mi", "--replica", &a]].concat());
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[&base[..], &["--size", "32Mi", "--replica", &free_addr()]].concat());
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
