@@ -185,3 +185,87 @@ fn an_engine_with_bad_arguments_says_what_to_fix() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_interrupted_by_an_engine_kill_is_redone_not_promoted() {
+    use bytes::Bytes;
+    use shorthorn::engine::{Health, Mode, Volume};
+
+    let root = tempfile::tempdir().unwrap();
+    let dirs: Vec<_> = (0..3).map(|i| root.path().join(format!("r{i}"))).collect();
+    let mut procs = Vec::new();
+    let mut addrs = Vec::new();
+    for d in &dirs {
+        let (p, a) = start_replica(d, SIZE);
+        procs.push(p);
+        addrs.push(a);
+    }
+    // 16 MiB of data on replicas 0 and 1.
+    let v = Volume::open("vol", SIZE, &addrs[..2]).await.unwrap();
+    for i in 0..16u8 {
+        let data = Bytes::from(vec![i + 1; 1 << 20]);
+        v.write(u64::from(i) << 20, data).await.unwrap();
+    }
+    v.flush().await.unwrap();
+    drop(v);
+
+    // An engine process rebuilds replica 2 at 2 MiB/s and is killed midway.
+    let (control, metrics) = (free_addr(), free_addr());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
+    cmd.args([
+        "engine",
+        "--volume",
+        "vol",
+        "--size",
+        "32Mi",
+        "--rebuild-rate",
+        "2Mi",
+    ])
+    .args(["--control", &control, "--metrics", &metrics])
+    .args(["--replica", &addrs[0], "--replica", &addrs[1]])
+    .env("SHORTHORN_LOG", "warn");
+    let engine = Proc(cmd.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&control).is_err() {
+        assert!(Instant::now() < deadline, "engine never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ctl_json(&control, &["add-replica", &addrs[2]]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = ctl_json(&control, &["status"]);
+        let r = &st["replicas"][2];
+        assert_eq!(r["mode"], "write_only", "{st}");
+        if r["rebuild"]["done_bytes"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rebuild never started: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(engine); // SIGKILL
+
+    // The next engine sees an incomplete replica: it serves from the other
+    // two, rebuilds the third, and only then is the volume healthy.
+    let v = Volume::open("vol", SIZE, &addrs).await.unwrap();
+    let st = v.status();
+    assert_ne!(st.replicas[2].mode, Mode::ReadWrite, "{st:?}");
+    assert_eq!(st.health, Health::Degraded);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while v.status().health != Health::Healthy {
+        assert!(Instant::now() < deadline, "never rebuilt: {:?}", v.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v.flush().await.unwrap();
+    drop(v);
+    for p in procs {
+        p.stop();
+    }
+    let d: Vec<_> = dirs
+        .iter()
+        .map(|d| cluster::replica_digest(d, SIZE))
+        .collect();
+    assert!(
+        d[0] == d[1] && d[1] == d[2],
+        "replicas differ after the redone rebuild"
+    );
+}

@@ -1,7 +1,9 @@
 //! `engine` owns one attached volume: it mirrors every write, unmap and
-//! flush to all read-write replicas through [`crate::replica::client`], reads
-//! from one healthy replica, and drops replicas that fail (issue 3; rebuild,
-//! snapshots and the control API are still to come, see [`volume`]).
+//! flush to all replicas through [`crate::replica::client`], reads from one
+//! healthy replica, drops replicas that fail, rebuilds them online, keeps the
+//! replicas consistent across its own crashes (membership epochs and write
+//! intent), runs snapshots across them, and serves its control API and
+//! metrics. ARCHITECTURE.md ("The engine") walks through the mechanisms.
 //!
 //! It may use `crate::replica` (the client and the wire types) and nothing
 //! above it: not `crate::frontend`, `crate::controller` or `crate::node`

@@ -85,6 +85,7 @@ impl Volume {
                 error: None,
                 rebuild: Some(Arc::clone(&progress)),
                 metrics: Arc::new(inner.metrics.replica_handles(addr)),
+                reads: Default::default(),
             };
             if let Some(i) = slots.iter().position(|s| s.addr == addr) {
                 slots[i] = slot;

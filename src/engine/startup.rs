@@ -106,6 +106,7 @@ impl Volume {
                         error: Some(format!("unreachable at open: {e}")),
                         rebuild: None,
                         metrics: Arc::new(metrics.replica_handles(addr)),
+                        reads: Default::default(),
                     });
                 }
             }
@@ -207,6 +208,7 @@ impl Volume {
                 },
                 error: (!member[i]).then(|| "stale: to be rebuilt".to_owned()),
                 rebuild: None,
+                reads: Default::default(),
             });
         }
         // Keep the caller's order.

@@ -13,8 +13,8 @@
 //!   only marked regions can differ and only they are resynced.
 //! - Snapshots, expansion and rebuild start hold the I/O gate: new I/O
 //!   waits, in-flight I/O drains, every replica sees the same sequence.
-//! - Reads go to one read-write replica, rotating; a failing one is failed
-//!   and the read retried on the next.
+//! - Reads go to the read-write replica with the fewest reads in flight; a
+//!   failing one is failed and the read retried on another.
 //! - With no read-write replica left the volume is faulted and every request
 //!   fails at once; nothing waits forever (each replica call has a timeout).
 //! - Requests need only 512-byte alignment; a partial 4 KiB block is
@@ -85,7 +85,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             timeout: REPLICA_IO_TIMEOUT,
-            connections: 2,
+            connections: 1,
             rebuild_bytes_per_sec: 200 << 20,
             region_bytes: DEFAULT_REGION_BYTES,
         }
@@ -173,6 +173,17 @@ pub(super) struct Slot {
     pub(super) error: Option<String>,
     pub(super) rebuild: Option<Arc<Progress>>,
     pub(super) metrics: Arc<Handles>,
+    /// Reads sent to it and not answered yet.
+    pub(super) reads: Arc<AtomicUsize>,
+}
+
+/// One read in flight on a replica; counted down when dropped.
+struct ReadTicket(Arc<AtomicUsize>);
+
+impl Drop for ReadTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Slot {
@@ -477,7 +488,7 @@ impl Volume {
     /// them (active chain first, head down).
     pub async fn list_snapshots(&self) -> Result<Vec<LayerInfo>, Error> {
         loop {
-            let (i, c, _) = self.inner.pick_reader()?;
+            let (i, c, _, _) = self.inner.pick_reader()?;
             match c.list().await {
                 Ok(l) => return Ok(l),
                 Err(e) => self.inner.fail(i, &e),
@@ -564,17 +575,23 @@ impl Inner {
             .collect()
     }
 
-    fn pick_reader(&self) -> Result<(usize, Client, Arc<Handles>), Error> {
+    /// The read-write replica with the fewest reads in flight (the fastest
+    /// one drains its queue soonest and so gets the most), ties broken in
+    /// turn.
+    fn pick_reader(&self) -> Result<(usize, Client, Arc<Handles>, ReadTicket), Error> {
         let seq = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let slots = self.slots();
-        let rw: Vec<usize> = (0..slots.len())
+        let n = slots.len();
+        let start = self.next_read.fetch_add(1, Ordering::Relaxed);
+        let i = (0..n)
+            .map(|k| (start + k) % n)
             .filter(|&i| slots[i].mode == Mode::ReadWrite)
-            .collect();
-        if rw.is_empty() {
-            return Err(Error::Faulted);
-        }
-        let i = rw[self.next_read.fetch_add(1, Ordering::Relaxed) % rw.len()];
-        Ok((i, slots[i].client(seq), Arc::clone(&slots[i].metrics)))
+            .min_by_key(|&i| slots[i].reads.load(Ordering::Relaxed))
+            .ok_or(Error::Faulted)?;
+        let s = &slots[i];
+        s.reads.fetch_add(1, Ordering::Relaxed);
+        let ticket = ReadTicket(Arc::clone(&s.reads));
+        Ok((i, s.client(seq), Arc::clone(&s.metrics), ticket))
     }
 
     /// Takes replica `i` out of the volume.
@@ -860,7 +877,7 @@ impl Inner {
     /// one fails.
     pub(super) async fn read_blocks(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
         loop {
-            let (i, c, m) = self.pick_reader()?;
+            let (i, c, m, _ticket) = self.pick_reader()?;
             let start = Instant::now();
             let r = c.read(offset, len).await;
             m.op(Op::read).record(len, start.elapsed(), r.is_ok());

@@ -4,7 +4,7 @@
 //! same machine, and printed as a table or, with `--json`, as one JSON
 //! object whose keys are stable (CI keeps them to diff).
 //!
-//! `replica` measures, for a 1 TiB sparse replica: index memory (counted by
+//! `engine` is in `engine.rs`. `replica` measures, for a 1 TiB sparse replica: index memory (counted by
 //! this binary's global allocator) after 1 GiB written sequentially and after
 //! 100,000 random 4 KiB writes; the time to open a chain of 1,000 snapshots;
 //! and 4 KiB random write/read IOPS at queue depth 16 and 1 MiB sequential
@@ -59,6 +59,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+mod engine;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const TIB: u64 = 1 << 40;
@@ -88,8 +90,8 @@ impl Opts {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: shorthorn-bench replica [--json] [--quick] [--dir DIR] [--shorthorn PATH] [--only PHASE,..]\n\
-         parts: replica (engine and frontends come with their issues)"
+        "usage: shorthorn-bench PART [--json] [--quick] [--dir DIR] [--shorthorn PATH] [--only PHASE,..]\n\
+         parts: replica, engine (frontends comes with its issue)"
     );
     std::process::exit(2)
 }
@@ -128,8 +130,9 @@ fn main() {
     }
     let result = match part.as_str() {
         "replica" => bench_replica(&o),
-        "engine" | "frontends" => {
-            eprintln!("shorthorn-bench: part {part:?} arrives with its issue; only `replica` exists so far");
+        "engine" => engine::bench_engine(&o),
+        "frontends" => {
+            eprintln!("shorthorn-bench: part {part:?} arrives with its issue; `replica` and `engine` exist so far");
             std::process::exit(2)
         }
         _ => usage(),
@@ -525,53 +528,85 @@ async fn net_random(
     ops: usize,
     write: bool,
 ) -> Result<f64, BoxError> {
+    let conns = conns.to_vec();
+    let buf = bytes::Bytes::from(vec![0x77u8; 4096]);
+    async_random(base, region, ops, move |i, off| {
+        let (c, buf) = (conns[i % conns.len()].clone(), buf.clone());
+        async move {
+            if write {
+                c.write(off, buf).await
+            } else {
+                c.read(off, 4096).await.map(drop)
+            }
+        }
+    })
+    .await
+}
+
+/// `ops` random 4 KiB requests within `base..base + region` from `QD`
+/// tasks; `io(task, offset)` issues one. Returns requests per second.
+async fn async_random<F, Fut, E>(base: u64, region: u64, ops: usize, io: F) -> Result<f64, BoxError>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: Into<BoxError> + Send + 'static,
+{
     let left = Arc::new(AtomicU64::new(ops as u64));
     let t = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..QD {
-        let c = conns[i % conns.len()].clone();
-        let left = Arc::clone(&left);
+        let (io, left) = (io.clone(), Arc::clone(&left));
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1));
-            let buf = bytes::Bytes::from(vec![0x77u8; 4096]);
             while left.fetch_sub(1, Ordering::Relaxed) as i64 > 0 {
-                let off = base + (rng.next() % (region / 4096)) * 4096;
-                if write {
-                    c.write(off, buf.clone()).await?;
-                } else {
-                    c.read(off, 4096).await?;
-                }
+                io(i, base + (rng.next() % (region / 4096)) * 4096).await?;
             }
-            Ok::<_, shorthorn::replica::client::ClientError>(())
+            Ok::<_, E>(())
         }));
     }
     for t in tasks {
-        t.await??;
+        t.await?.map_err(Into::into)?;
     }
     Ok(ops as f64 / t.elapsed().as_secs_f64())
 }
 
-async fn net_seq(c: &Client, total: u64) -> Result<f64, BoxError> {
+/// `total` bytes of 1 MiB sequential writes, `SEQ_QD` in flight;
+/// `io(offset)` issues one.
+async fn async_seq<F, Fut, E>(total: u64, io: F) -> Result<(), BoxError>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: Into<BoxError> + Send + 'static,
+{
     let next = Arc::new(AtomicU64::new(0));
-    let t = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..SEQ_QD {
-        let c = c.clone();
-        let next = Arc::clone(&next);
+        let (io, next) = (io.clone(), Arc::clone(&next));
         tasks.push(tokio::spawn(async move {
-            let buf = bytes::Bytes::from(vec![0x42u8; MIB_BYTES]);
             loop {
                 let off = next.fetch_add(MIB, Ordering::Relaxed);
                 if off >= total {
-                    return Ok::<_, shorthorn::replica::client::ClientError>(());
+                    return Ok::<_, E>(());
                 }
-                c.write(off, buf.clone()).await?;
+                io(off).await?;
             }
         }));
     }
     for t in tasks {
-        t.await??;
+        t.await?.map_err(Into::into)?;
     }
+    Ok(())
+}
+
+async fn net_seq(c: &Client, total: u64) -> Result<f64, BoxError> {
+    let buf = bytes::Bytes::from(vec![0x42u8; MIB_BYTES]);
+    let c2 = c.clone();
+    let t = Instant::now();
+    async_seq(total, move |off| {
+        let (c, buf) = (c2.clone(), buf.clone());
+        async move { c.write(off, buf).await }
+    })
+    .await?;
     c.flush().await?;
     Ok(total as f64 / MIB as f64 / t.elapsed().as_secs_f64())
 }
