@@ -470,6 +470,7 @@ async fn run_engine_ctl(a: EngineCtlArgs) -> Result<()> {
                     .trim_start_matches("REPLICA_MODE_")
                     .to_lowercase(),
                 "error": r.error,
+                "revision": r.revision,
                 "rebuild": r.rebuild,
             })).collect::<Vec<_>>(),
         })

@@ -77,6 +77,7 @@ fn the_engine_is_driven_through_its_control_api_and_exports_metrics() {
     assert_eq!(st["health"], "healthy", "{st}");
     assert_eq!(st["size_bytes"], SIZE);
     assert_eq!(st["replicas"].as_array().unwrap().len(), 3);
+    assert!(st["replicas"][0]["revision"].is_u64(), "{st}");
 
     let snaps = ctl_json(&control, &["snapshot", "daily", "--label", "tier=gold"]);
     let daily = snaps["snapshots"]

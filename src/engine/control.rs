@@ -73,7 +73,7 @@ fn status(e: Error) -> Status {
     Status::new(e.kind().grpc_code(), e.to_string())
 }
 
-fn to_pb_status(s: &VolumeStatus) -> pb::StatusResponse {
+fn to_pb_status(s: &VolumeStatus, revisions: &[Option<u64>]) -> pb::StatusResponse {
     pb::StatusResponse {
         volume: s.name.clone(),
         size_bytes: s.size,
@@ -87,7 +87,9 @@ fn to_pb_status(s: &VolumeStatus) -> pb::StatusResponse {
         replicas: s
             .replicas
             .iter()
-            .map(|r| pb::Replica {
+            .zip(revisions.iter().chain(std::iter::repeat(&None)))
+            .map(|(r, rev)| pb::Replica {
+                revision: *rev,
                 address: r.addr.clone(),
                 mode: match r.mode {
                     Mode::ReadWrite => pb::ReplicaMode::ReadWrite,
@@ -137,6 +139,14 @@ fn required(field: &str, v: &str) -> Result<(), Status> {
 }
 
 impl ControlService {
+    async fn status_response(&self) -> Result<Response<pb::StatusResponse>, Status> {
+        let revisions = self.volume.revisions().await;
+        Ok(Response::new(to_pb_status(
+            &self.volume.status(),
+            &revisions,
+        )))
+    }
+
     async fn snapshots(&self) -> Result<Response<pb::SnapshotsResponse>, Status> {
         let l = self.volume.list_snapshots().await.map_err(status)?;
         Ok(Response::new(to_pb_snapshots(l)))
@@ -149,7 +159,7 @@ impl pb::engine_server::Engine for ControlService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(to_pb_status(&self.volume.status())))
+        self.status_response().await
     }
 
     async fn add_replica(
@@ -160,7 +170,7 @@ impl pb::engine_server::Engine for ControlService {
         required("address", &addr)?;
         tracing::info!(volume.id = %self.volume.name(), replica.addr = %addr, "add replica");
         self.volume.add_replica(&addr).await.map_err(status)?;
-        Ok(Response::new(to_pb_status(&self.volume.status())))
+        self.status_response().await
     }
 
     async fn remove_replica(
@@ -171,7 +181,7 @@ impl pb::engine_server::Engine for ControlService {
         required("address", &addr)?;
         tracing::info!(volume.id = %self.volume.name(), replica.addr = %addr, "remove replica");
         self.volume.remove_replica(&addr).await.map_err(status)?;
-        Ok(Response::new(to_pb_status(&self.volume.status())))
+        self.status_response().await
     }
 
     async fn snapshot(
@@ -221,7 +231,7 @@ impl pb::engine_server::Engine for ControlService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let size = r.into_inner().size_bytes;
         self.volume.expand(size).await.map_err(status)?;
-        Ok(Response::new(to_pb_status(&self.volume.status())))
+        self.status_response().await
     }
 }
 

@@ -441,6 +441,24 @@ impl Volume {
         Ok(data[at..at + usize::try_from(len).expect("bounded by the protocol")].to_vec())
     }
 
+    /// Each replica's revision counter (writes and unmaps it applied), as
+    /// it reports it now; `None` for a failed or silent one.
+    pub async fn revisions(&self) -> Vec<Option<u64>> {
+        let clients: Vec<Option<Client>> = self
+            .inner
+            .slots()
+            .iter()
+            .map(|s| (s.mode != Mode::Failed).then(|| s.control()))
+            .collect();
+        join_all(clients.into_iter().map(|c| async move {
+            match c {
+                Some(c) => c.info().await.ok().map(|i| i.revision),
+                None => None,
+            }
+        }))
+        .await
+    }
+
     /// Health and every replica's mode.
     pub fn status(&self) -> VolumeStatus {
         let slots = self.inner.slots();
