@@ -267,7 +267,15 @@ fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
 fn run(cli: Cli) -> Result<()> {
     init_logging(cli.log_format);
     shorthorn::raise_fd_limit();
+    // Threads named after the mode, so `top -H` and profiles tell a
+    // replica's work from an engine's on a shared node.
+    let thread_name = match &cli.mode {
+        Mode::Replica(_) => "sh-replica",
+        Mode::Engine(_) => "sh-engine",
+        Mode::ReplicaCtl(_) | Mode::EngineCtl(_) => "sh-ctl",
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name(thread_name)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -846,10 +846,12 @@ impl Inner {
 
     pub(super) async fn write_blocks(&self, offset: u64, data: Bytes) -> Result<(), Error> {
         let len = data.len() as u64;
+        // One checksum for every replica's copy of the frame.
+        let crc = crate::replica::wire::payload_crc(&data);
         self.with_intent(offset, len, async {
             self.mirror(Op::write, len, |c| {
                 let d = data.clone();
-                async move { c.write(offset, d).await }
+                async move { c.write_crc(offset, d, crc).await }
             })
             .await
         })

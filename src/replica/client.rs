@@ -178,8 +178,13 @@ impl Client {
     }
 
     async fn call(&self, op: Op, offset: u64, length: u64, payload: Bytes) -> Reply {
+        let crc = wire::payload_crc(&payload);
+        self.call_crc(op, offset, length, payload, crc).await
+    }
+
+    async fn call_crc(&self, op: Op, offset: u64, length: u64, payload: Bytes, crc: u32) -> Reply {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let header = RequestHeader::new(op, id, offset, length, &payload).encode();
+        let header = RequestHeader::with_crc(op, id, offset, length, payload.len(), crc).encode();
         let (otx, orx) = oneshot::channel();
         {
             let mut g = lock(&self.pending);
@@ -230,9 +235,19 @@ impl Client {
 
     /// Writes `data` at `offset`.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), ClientError> {
+        let crc = wire::payload_crc(&data);
+        self.write_crc(offset, data, crc).await
+    }
+
+    /// [`write`](Self::write) with the payload's CRC32C
+    /// ([`wire::payload_crc`]) computed by the caller, once for all the
+    /// replicas it sends the same data to.
+    pub async fn write_crc(&self, offset: u64, data: Bytes, crc: u32) -> Result<(), ClientError> {
         let len = data.len() as u64;
         Self::check_io_len(len)?;
-        self.call(Op::Write, offset, len, data).await.map(drop)
+        self.call_crc(Op::Write, offset, len, data, crc)
+            .await
+            .map(drop)
     }
 
     /// Trims `len` bytes at `offset`.
@@ -478,8 +493,7 @@ async fn read_responses(
             .await
             .map_err(|_| ClientError::Disconnected)?;
         let h = ResponseHeader::decode(&hb)?;
-        let mut payload = vec![0u8; h.payload_len as usize];
-        rd.read_exact(&mut payload)
+        let payload = super::read_vec(&mut rd, h.payload_len as usize)
             .await
             .map_err(|_| ClientError::Disconnected)?;
         wire::verify_payload(h.id, h.payload_crc, &payload)?;

@@ -202,5 +202,24 @@ impl Error {
     }
 }
 
+/// Reads exactly `n` bytes into a new vector without zero-filling it first
+/// (payloads arrive at every request; filling a buffer only to overwrite it
+/// showed up in profiles).
+pub(crate) async fn read_vec<R>(rd: &mut R, n: usize) -> io::Result<Vec<u8>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use bytes::BufMut;
+    use tokio::io::AsyncReadExt;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let want = n - v.len();
+        if rd.read_buf(&mut (&mut v).limit(want)).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(v)
+}
+
 /// Result of replica operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -140,10 +140,10 @@ async fn handle(stream: TcpStream, replica: Arc<Replica>) -> io::Result<()> {
                 (p, m)
             }
         };
-        let mut payload = vec![0u8; hdr.payload_len as usize];
-        if let Err(e) = rd.read_exact(&mut payload).await {
-            break Err(e);
-        }
+        let payload = match super::read_vec(&mut rd, hdr.payload_len as usize).await {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
         if let Err(e) = wire::verify_payload(hdr.id, hdr.payload_crc, &payload) {
             break Err(refuse(&tx, e));
         }

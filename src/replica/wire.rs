@@ -204,17 +204,20 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 impl RequestHeader {
     /// A request header for `op` whose payload is `payload`.
     pub fn new(op: Op, id: u64, offset: u64, length: u64, payload: &[u8]) -> Self {
+        Self::with_crc(op, id, offset, length, payload.len(), payload_crc(payload))
+    }
+
+    /// [`new`](Self::new) for a payload of `len` bytes whose CRC
+    /// ([`payload_crc`]) is already known: the engine sends one write to
+    /// several replicas and checksums it once.
+    pub fn with_crc(op: Op, id: u64, offset: u64, length: u64, len: usize, crc: u32) -> Self {
         Self {
             op,
             id,
             offset,
             length,
-            payload_len: u32::try_from(payload.len()).expect("payload bounded by MAX_IO_BYTES"),
-            payload_crc: if payload.is_empty() {
-                0
-            } else {
-                crc32c::crc32c(payload)
-            },
+            payload_len: u32::try_from(len).expect("payload bounded by MAX_IO_BYTES"),
+            payload_crc: crc,
         }
     }
 
@@ -398,6 +401,15 @@ pub fn verify_payload(id: u64, expected_crc: u32, payload: &[u8]) -> Result<(), 
         Ok(())
     } else {
         Err(FrameError::PayloadChecksum { id })
+    }
+}
+
+/// The CRC32C a header carries for `payload` (0 when empty).
+pub fn payload_crc(payload: &[u8]) -> u32 {
+    if payload.is_empty() {
+        0
+    } else {
+        crc32c::crc32c(payload)
     }
 }
 

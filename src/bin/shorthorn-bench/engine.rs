@@ -33,6 +33,7 @@ pub(crate) fn bench_engine(o: &Opts) -> Result<(), BoxError> {
     let reps = if o.quick { 1 } else { 3 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench-engine")
         .enable_all()
         .build()?;
     let mut samples: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
