@@ -535,3 +535,33 @@ async fn a_replica_dropped_before_an_engine_restart_is_rebuilt_not_trusted() {
         replica_digest(&dirs[2], SIZE)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_intent_is_marked_before_writes_and_cleared_when_idle() {
+    let root = tempfile::tempdir().unwrap();
+    let (_dirs, _procs, addrs) = start_three(root.path());
+    let v = Volume::open("vol", SIZE, &addrs).await.unwrap();
+    let c = shorthorn::replica::client::Client::connect(&addrs[1])
+        .await
+        .unwrap();
+    let intent = || async { c.info().await.unwrap().engine.intent };
+    assert!(intent().await.is_empty());
+    // Regions 0 and 2 (4 MiB each) are marked on the replica by the time
+    // the writes are acknowledged.
+    v.write(4096, Bytes::from(content(1, 1))).await.unwrap();
+    v.write(9 << 20, Bytes::from(content(2304, 1)))
+        .await
+        .unwrap();
+    assert_eq!(intent().await.into_iter().collect::<Vec<_>>(), [0, 2]);
+    // A flush right after covers the writes, but the regions were busy in
+    // the window just closed: still marked. Once idle for a window, cleared.
+    v.flush().await.unwrap();
+    assert_eq!(intent().await.len(), 2);
+    v.flush().await.unwrap();
+    v.flush().await.unwrap();
+    assert!(intent().await.is_empty(), "idle regions stay marked");
+    // A new write marks its region again.
+    v.write(0, Bytes::from(content(0, 2))).await.unwrap();
+    assert_eq!(intent().await.into_iter().collect::<Vec<_>>(), [0]);
+    assert_eq!(v.status().intent_regions, 1);
+}

@@ -874,9 +874,15 @@ impl Inner {
         let f = lock(&self.intent).start_flush();
         self.mirror(Op::flush, 0, |c| async move { c.flush().await })
             .await?;
+        if lock(&self.intent).marked_count() == 0 {
+            return Ok(());
+        }
+        // Hold the intent lock from choosing the regions to clear until the
+        // replicas have cleared them: a writer that needs one of them again
+        // must re-mark it *after* this clear reaches the replicas, not before.
+        let _io = self.intent_io.lock().await;
         let clear = lock(&self.intent).take_clearable(f);
         if !clear.is_empty() {
-            let _io = self.intent_io.lock().await;
             let region = lock(&self.intent).region_bytes();
             // A failed clear leaves extra marks: a resync would compare a
             // region more than needed, nothing worse.
