@@ -8,6 +8,8 @@
 
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
+mod cluster;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shorthorn::replica::client::Client;
 use shorthorn::replica::Replica;
+
+use cluster::{free_addr, Proc};
 
 const BLOCKS: u64 = 64;
 const SIZE: u64 = BLOCKS * 4096;
@@ -65,15 +69,6 @@ fn setup(dir: &Path) -> (View, View) {
     (base, head)
 }
 
-fn free_addr() -> String {
-    let p = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{p}")
-}
-
 /// Starts the replica with `point` armed, runs `op` against it, and checks
 /// the process died by SIGABRT at the point.
 fn crash_during<F>(dir: &Path, point: &str, size: Option<u64>, op: F)
@@ -95,7 +90,7 @@ where
         .unwrap();
     // Killed if this test fails before the process died on its own, so no
     // replica outlives a failing test.
-    let mut guard = KillOnDrop(child);
+    let mut guard = Proc(child);
     let child = &mut guard.0;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,15 +117,6 @@ where
         Some(libc::SIGABRT),
         "failpoint {point} was not hit (exit {status})"
     );
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn reopen(dir: &Path) -> Replica {

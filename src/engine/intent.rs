@@ -97,8 +97,9 @@ impl Intent {
         self.marked.extend(rs.iter().copied());
     }
 
-    /// Marking `rs` failed; writers waiting for them will ask again.
-    pub fn mark_failed(&mut self, rs: &[u64]) {
+    /// `rs` must be marked (again): a writer whose marking failed, or one
+    /// that finds its regions taken by such a writer, puts them back.
+    pub fn want(&mut self, rs: &[u64]) {
         self.wanted.extend(rs.iter().copied());
     }
 

@@ -67,8 +67,6 @@ fn new_histogram() -> Histogram {
     ))
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
 /// Series handles for one request kind.
 #[derive(Debug, Clone)]
 pub struct OpHandles {
@@ -103,19 +101,73 @@ impl Handles {
 
 const OPS: [Op; 4] = [Op::read, Op::write, Op::unmap, Op::flush];
 
+/// The four request series (requests, errors, bytes, latency) of one
+/// subject, a volume or a replica, labelled by `L`.
+#[derive(Debug)]
+struct OpFamilies<L> {
+    requests: Family<L, Counter>,
+    errors: Family<L, Counter>,
+    bytes: Family<L, Counter>,
+    seconds: Family<L, Histogram, fn() -> Histogram>,
+}
+
+impl<L> OpFamilies<L>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn new() -> Self {
+        Self {
+            requests: Family::default(),
+            errors: Family::default(),
+            bytes: Family::default(),
+            seconds: Family::new_with_constructor(new_histogram),
+        }
+    }
+
+    /// Registers the series as `<subject>_requests` and so on.
+    fn register(&self, registry: &mut Registry, subject: &str, what: &str) {
+        registry.register(
+            format!("{subject}_requests"),
+            format!("Requests {what}"),
+            self.requests.clone(),
+        );
+        registry.register(
+            format!("{subject}_errors"),
+            format!("Requests {what} that failed"),
+            self.errors.clone(),
+        );
+        registry.register(
+            format!("{subject}_bytes"),
+            format!("Bytes of the requests {what}"),
+            self.bytes.clone(),
+        );
+        registry.register(
+            format!("{subject}_request_seconds"),
+            format!("Latency of the requests {what}"),
+            self.seconds.clone(),
+        );
+    }
+
+    fn handles(&self, label: impl Fn(Op) -> L) -> Handles {
+        Handles(OPS.map(|op| {
+            let l = label(op);
+            OpHandles {
+                requests: self.requests.get_or_create(&l).clone(),
+                errors: self.errors.get_or_create(&l).clone(),
+                bytes: self.bytes.get_or_create(&l).clone(),
+                seconds: self.seconds.get_or_create(&l).clone(),
+            }
+        }))
+    }
+}
+
 /// The engine's metrics registry.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     volume: String,
-    v_requests: Family<VolumeLabels, Counter>,
-    v_errors: Family<VolumeLabels, Counter>,
-    v_bytes: Family<VolumeLabels, Counter>,
-    v_seconds: HistogramFamily<VolumeLabels>,
-    r_requests: Family<ReplicaLabels, Counter>,
-    r_errors: Family<ReplicaLabels, Counter>,
-    r_bytes: Family<ReplicaLabels, Counter>,
-    r_seconds: HistogramFamily<ReplicaLabels>,
+    volume_ops: OpFamilies<VolumeLabels>,
+    replica_ops: OpFamilies<ReplicaLabels>,
     replica_mode: Family<StateLabels, Gauge>,
     health: Family<NameLabel, Gauge>,
     size: Family<NameLabel, Gauge>,
@@ -126,78 +178,59 @@ pub struct Metrics {
 impl Metrics {
     /// A registry for volume `volume`.
     pub fn new(volume: &str) -> Self {
-        let mut registry = Registry::with_prefix("shorthorn");
-        let m = Self {
-            registry: Registry::default(),
+        let mut m = Self {
+            registry: Registry::with_prefix("shorthorn"),
             volume: volume.to_owned(),
-            v_requests: Family::default(),
-            v_errors: Family::default(),
-            v_bytes: Family::default(),
-            v_seconds: Family::new_with_constructor(new_histogram),
-            r_requests: Family::default(),
-            r_errors: Family::default(),
-            r_bytes: Family::default(),
-            r_seconds: Family::new_with_constructor(new_histogram),
+            volume_ops: OpFamilies::new(),
+            replica_ops: OpFamilies::new(),
             replica_mode: Family::default(),
             health: Family::default(),
             size: Family::default(),
             rebuild_done: Family::default(),
             rebuild_total: Family::default(),
         };
-        macro_rules! register {
-            ($($field:ident: $name:literal, $help:literal;)*) => {
-                $(registry.register($name, $help, m.$field.clone());)*
-            };
-        }
-        register! {
-            v_requests: "volume_requests", "Requests the volume served";
-            v_errors: "volume_errors", "Requests the volume failed";
-            v_bytes: "volume_bytes", "Bytes read, written or unmapped";
-            v_seconds: "volume_request_seconds", "Latency of volume requests";
-            r_requests: "replica_requests", "Requests sent to each replica";
-            r_errors: "replica_errors", "Requests a replica failed or timed out";
-            r_bytes: "replica_bytes", "Bytes sent to or read from each replica";
-            r_seconds: "replica_request_seconds", "Latency of each replica's requests";
-            replica_mode: "replica_mode", "1 for the replica's current mode";
-            health: "volume_health", "0 healthy, 1 degraded, 2 faulted";
-            size: "volume_size_bytes", "Volume size";
-            rebuild_done: "replica_rebuild_done_bytes", "Bytes compared or copied by the replica's rebuild";
-            rebuild_total: "replica_rebuild_total_bytes", "Bytes the replica's rebuild has to go through";
-        }
-        Self { registry, ..m }
+        let r = &mut m.registry;
+        m.volume_ops.register(r, "volume", "the volume served");
+        m.replica_ops.register(r, "replica", "sent to each replica");
+        r.register(
+            "replica_mode",
+            "1 for the replica's current mode",
+            m.replica_mode.clone(),
+        );
+        r.register(
+            "volume_health",
+            "0 healthy, 1 degraded, 2 faulted",
+            m.health.clone(),
+        );
+        r.register("volume_size_bytes", "Volume size", m.size.clone());
+        r.register(
+            "replica_rebuild_done_bytes",
+            "Bytes compared or copied by the replica's rebuild",
+            m.rebuild_done.clone(),
+        );
+        r.register(
+            "replica_rebuild_total_bytes",
+            "Bytes the replica's rebuild has to go through",
+            m.rebuild_total.clone(),
+        );
+        m
     }
 
     /// The volume's handles.
     pub fn volume_handles(&self) -> Handles {
-        Handles(OPS.map(|op| {
-            let l = VolumeLabels {
-                volume: self.volume.clone(),
-                op,
-            };
-            OpHandles {
-                requests: self.v_requests.get_or_create(&l).clone(),
-                errors: self.v_errors.get_or_create(&l).clone(),
-                bytes: self.v_bytes.get_or_create(&l).clone(),
-                seconds: self.v_seconds.get_or_create(&l).clone(),
-            }
-        }))
+        self.volume_ops.handles(|op| VolumeLabels {
+            volume: self.volume.clone(),
+            op,
+        })
     }
 
     /// The handles of replica `addr`.
     pub fn replica_handles(&self, addr: &str) -> Handles {
-        Handles(OPS.map(|op| {
-            let l = ReplicaLabels {
-                volume: self.volume.clone(),
-                replica: addr.to_owned(),
-                op,
-            };
-            OpHandles {
-                requests: self.r_requests.get_or_create(&l).clone(),
-                errors: self.r_errors.get_or_create(&l).clone(),
-                bytes: self.r_bytes.get_or_create(&l).clone(),
-                seconds: self.r_seconds.get_or_create(&l).clone(),
-            }
-        }))
+        self.replica_ops.handles(|op| ReplicaLabels {
+            volume: self.volume.clone(),
+            replica: addr.to_owned(),
+            op,
+        })
     }
 
     /// Renders every series, with the state gauges taken from `st`.

@@ -78,15 +78,8 @@ impl Volume {
                 .await
                 .map_err(err)?;
             let mut slots = inner.slots();
-            let slot = Slot {
-                addr: addr.into(),
-                conns,
-                mode: Mode::WriteOnly,
-                error: None,
-                rebuild: Some(Arc::clone(&progress)),
-                metrics: Arc::new(inner.metrics.replica_handles(addr)),
-                reads: Default::default(),
-            };
+            let mut slot = Slot::new(addr, conns, Mode::WriteOnly, None, &inner.metrics);
+            slot.rebuild = Some(Arc::clone(&progress));
             if let Some(i) = slots.iter().position(|s| s.addr == addr) {
                 slots[i] = slot;
                 i

@@ -99,24 +99,19 @@ impl Volume {
                 }
                 Err(e) => {
                     tracing::warn!(volume.id = %name, replica.addr = %addr, error = %e, "replica unreachable at open");
-                    slots.push(Slot {
-                        addr: addr.clone(),
-                        conns: Vec::new(),
-                        mode: Mode::Failed,
-                        error: Some(format!("unreachable at open: {e}")),
-                        rebuild: None,
-                        metrics: Arc::new(metrics.replica_handles(addr)),
-                        reads: Default::default(),
-                    });
+                    slots.push(Slot::new(
+                        addr,
+                        Vec::new(),
+                        Mode::Failed,
+                        Some(format!("unreachable at open: {e}")),
+                        &metrics,
+                    ));
                 }
             }
         }
         // A replica smaller than the volume missed an expansion and is
         // rebuilt; but if none has the size asked for, the caller is wrong.
-        if let Some(p) = probes
-            .iter()
-            .find(|_| probes.iter().all(|p| p.info.size != size))
-        {
+        if let (Some(p), true) = (probes.first(), probes.iter().all(|p| p.info.size != size)) {
             return Err(Error::SizeMismatch {
                 addr: p.addr.clone(),
                 replica: p.info.size,
@@ -197,19 +192,12 @@ impl Volume {
             if !member[i] {
                 stale.push(p.addr.clone());
             }
-            slots.push(Slot {
-                metrics: Arc::new(metrics.replica_handles(&p.addr)),
-                addr: p.addr,
-                conns: p.conns,
-                mode: if member[i] {
-                    Mode::ReadWrite
-                } else {
-                    Mode::Failed
-                },
-                error: (!member[i]).then(|| "stale: to be rebuilt".to_owned()),
-                rebuild: None,
-                reads: Default::default(),
-            });
+            let (mode, error) = if member[i] {
+                (Mode::ReadWrite, None)
+            } else {
+                (Mode::Failed, Some("stale: to be rebuilt".to_owned()))
+            };
+            slots.push(Slot::new(&p.addr, p.conns, mode, error, &metrics));
         }
         // Keep the caller's order.
         slots.sort_by_key(|s| addrs.iter().position(|a| *a == s.addr));

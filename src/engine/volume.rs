@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use super::intent::{Intent, DEFAULT_REGION_BYTES};
 use super::metrics::{Handles, Metrics, Op};
-use super::ranges::RangeLocks;
+use super::ranges::{RangeGuard, RangeLocks};
 use super::Error;
 use crate::error::ErrorKind;
 use crate::replica::chain::LayerInfo;
@@ -187,6 +187,24 @@ impl Drop for ReadTicket {
 }
 
 impl Slot {
+    pub(super) fn new(
+        addr: &str,
+        conns: Vec<Client>,
+        mode: Mode,
+        error: Option<String>,
+        metrics: &Metrics,
+    ) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            conns,
+            mode,
+            error,
+            rebuild: None,
+            metrics: Arc::new(metrics.replica_handles(addr)),
+            reads: Arc::default(),
+        }
+    }
+
     fn client(&self, seq: usize) -> Client {
         self.conns[seq % self.conns.len()].clone()
     }
@@ -215,9 +233,10 @@ pub(super) struct Inner {
     /// the replicas have recorded.
     pub(super) generation: AtomicU64,
     pub(super) epoch_done: AtomicU64,
-    /// Current epoch and the lock serialising its updates.
-    pub(super) epoch: tokio::sync::Mutex<u64>,
-    pub(super) epoch_now: AtomicU64,
+    /// The epoch last recorded on the members; `epoch_lock` serialises
+    /// recording the next one.
+    epoch: AtomicU64,
+    epoch_lock: tokio::sync::Mutex<()>,
     pub(super) intent: Mutex<Intent>,
     /// Serialises intent updates on the replicas.
     pub(super) intent_io: tokio::sync::Mutex<()>,
@@ -274,8 +293,8 @@ impl Volume {
                 gate: tokio::sync::RwLock::new(()),
                 generation: AtomicU64::new(0),
                 epoch_done: AtomicU64::new(0),
-                epoch: tokio::sync::Mutex::new(epoch),
-                epoch_now: AtomicU64::new(epoch),
+                epoch: AtomicU64::new(epoch),
+                epoch_lock: tokio::sync::Mutex::new(()),
                 intent: Mutex::new(Intent::new(region)),
                 intent_io: tokio::sync::Mutex::new(()),
                 ranges: RangeLocks::default(),
@@ -340,32 +359,19 @@ impl Volume {
     }
 
     async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), Error> {
-        let len = data.len() as u64;
-        self.check_io(offset, len)?;
+        self.check_io(offset, data.len() as u64)?;
         let _g = self.inner.gate.read().await;
-        let (a, b) = block_bounds(offset, len);
-        if a == offset && b == offset + len {
-            let _l = self
-                .inner
-                .ranges
-                .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, false)
-                .await;
-            return self.inner.write_blocks(offset, data).await;
+        let (aligned, _l) = self.inner.lock_blocks(offset, data.len() as u64).await;
+        if aligned {
+            self.inner.write_blocks(offset, data).await
+        } else {
+            self.inner.merge_write(offset, &data).await
         }
-        let _l = self
-            .inner
-            .ranges
-            .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, true)
-            .await;
-        let mut buf = self.inner.read_edges(offset, len).await?;
-        let at = usize::try_from(offset - a).expect("inside one block");
-        buf[at..at + data.len()].copy_from_slice(&data);
-        self.inner.write_blocks(a, buf.freeze()).await
     }
 
     /// Trims `[offset, offset+len)` (512-byte aligned) on every replica: it
-    /// reads back as zeros. Partial blocks at the edges are zeroed by
-    /// read-modify-write; whole blocks are unmapped.
+    /// reads back as zeros. Whole blocks are unmapped; the parts of partial
+    /// blocks are written with zeros by read-modify-write.
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.timed(Op::unmap, len, self.unmap_inner(offset, len))
             .await
@@ -374,40 +380,25 @@ impl Volume {
     async fn unmap_inner(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.check_io(offset, len)?;
         let _g = self.inner.gate.read().await;
+        let (aligned, _l) = self.inner.lock_blocks(offset, len).await;
+        if aligned {
+            return self.inner.unmap_blocks(offset, len).await;
+        }
         let end = offset + len;
-        let (a, b) = block_bounds(offset, len);
-        if a == offset && b == end {
-            let _l = self
-                .inner
-                .ranges
-                .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, false)
-                .await;
-            return self.inner.unmap_blocks(a, len).await;
-        }
-        let _l = self
-            .inner
-            .ranges
-            .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, true)
-            .await;
-        let mut edges = Vec::new();
-        if offset % BLOCK_SIZE != 0 {
-            edges.push(a);
-        }
-        if end % BLOCK_SIZE != 0 && edges.last() != Some(&(b - BLOCK_SIZE)) {
-            edges.push(b - BLOCK_SIZE);
-        }
-        for blk in edges {
-            let mut buf = self.inner.read_blocks(blk, BLOCK_SIZE).await?;
-            let from = usize::try_from(offset.max(blk) - blk).expect("inside one block");
-            let to = usize::try_from(end.min(blk + BLOCK_SIZE) - blk).expect("inside one block");
-            buf[from..to].fill(0);
-            self.inner.write_blocks(blk, Bytes::from(buf)).await?;
-        }
-        // The whole blocks inside the range.
+        // The whole blocks inside the range, and the partial pieces around.
         let (ia, ib) = (
             offset.next_multiple_of(BLOCK_SIZE),
             end / BLOCK_SIZE * BLOCK_SIZE,
         );
+        let pieces = if ia >= ib {
+            vec![(offset, end)]
+        } else {
+            vec![(offset, ia), (ib, end)]
+        };
+        for (from, to) in pieces.into_iter().filter(|(f, t)| f < t) {
+            let zeros = vec![0u8; usize::try_from(to - from).expect("under two blocks")];
+            self.inner.merge_write(from, &zeros).await?;
+        }
         if ia < ib {
             self.inner.unmap_blocks(ia, ib - ia).await?;
         }
@@ -471,7 +462,7 @@ impl Volume {
                 n if n == slots.len() => Health::Healthy,
                 _ => Health::Degraded,
             },
-            epoch: self.inner.epoch_now.load(Ordering::SeqCst),
+            epoch: self.inner.epoch.load(Ordering::SeqCst),
             intent_regions: lock(&self.inner.intent).marked_count(),
             replicas: slots
                 .iter()
@@ -637,7 +628,7 @@ impl Inner {
     /// a failed replica can never be taken for a current one after a crash.
     pub(super) async fn settle_epoch(&self) -> Result<(), Error> {
         while self.epoch_done.load(Ordering::SeqCst) < self.generation.load(Ordering::SeqCst) {
-            let mut epoch = self.epoch.lock().await;
+            let _serial = self.epoch_lock.lock().await;
             let gen = self.generation.load(Ordering::SeqCst);
             if self.epoch_done.load(Ordering::SeqCst) >= gen {
                 break;
@@ -654,7 +645,7 @@ impl Inner {
             if clients.is_empty() {
                 return Err(Error::Faulted);
             }
-            let next = *epoch + 1;
+            let next = self.epoch.load(Ordering::SeqCst) + 1;
             let results = join_all(
                 clients
                     .iter()
@@ -666,8 +657,7 @@ impl Inner {
                     self.fail(*i, &e);
                 }
             }
-            *epoch = next;
-            self.epoch_now.store(next, Ordering::SeqCst);
+            self.epoch.store(next, Ordering::SeqCst);
             tracing::info!(volume.id = %self.name, epoch = next, members = ?members, "membership recorded");
             self.epoch_done.fetch_max(gen, Ordering::SeqCst);
         }
@@ -741,22 +731,15 @@ impl Inner {
             return Err(Error::Faulted);
         }
         let results = join_all(targets.iter().map(|(_, c, _)| op(c.clone()))).await;
-        let refused: Vec<Option<(ErrorKind, String)>> = results
-            .iter()
-            .map(|r| match r {
-                Err(ClientError::Remote { kind, message }) if is_refusal(*kind) => {
-                    Some((*kind, message.clone()))
-                }
-                _ => None,
-            })
-            .collect();
-        if let Some(Some((kind, message))) = refused.iter().find(|r| r.is_some()) {
-            if refused.iter().all(Option::is_some) {
-                return Err(Error::Refused {
-                    kind: *kind,
-                    message: message.clone(),
-                });
+        let refusal = |r: &Result<(), ClientError>| match r {
+            Err(ClientError::Remote { kind, message }) if is_refusal(*kind) => {
+                Some((*kind, message.clone()))
             }
+            _ => None,
+        };
+        if results.iter().all(|r| refusal(r).is_some()) {
+            let (kind, message) = refusal(&results[0]).expect("all refused");
+            return Err(Error::Refused { kind, message });
         }
         for ((i, _, _), r) in targets.iter().zip(results) {
             if let Err(e) = r {
@@ -797,13 +780,20 @@ impl Inner {
         len: u64,
         op: impl std::future::Future<Output = Result<T, Error>>,
     ) -> Result<T, Error> {
-        let rs = {
+        let (rs, unmarked) = {
             let mut it = lock(&self.intent);
             let rs = it.regions(offset, len);
-            it.begin(rs.clone());
-            rs
+            let unmarked = it.begin(rs.clone());
+            (rs, unmarked)
         };
-        let r = match self.mark_intent(rs.clone()).await {
+        // While this write is in flight its regions cannot be cleared, so
+        // marked here means marked until it ends.
+        let marked = if unmarked {
+            self.mark_intent(rs.clone()).await
+        } else {
+            Ok(())
+        };
+        let r = match marked {
             Ok(()) => op.await,
             Err(e) => Err(e),
         };
@@ -824,7 +814,7 @@ impl Inner {
                 }
                 // Our regions may have been taken by a writer whose marking
                 // failed; ask again.
-                it.mark_failed(&rs.clone().collect::<Vec<_>>());
+                it.want(&rs.clone().collect::<Vec<_>>());
                 (it.region_bytes(), it.take_wanted())
             };
             let res = self
@@ -837,7 +827,7 @@ impl Inner {
             match res {
                 Ok(()) => it.marked(&add),
                 Err(e) => {
-                    it.mark_failed(&add);
+                    it.want(&add);
                     return Err(e);
                 }
             }
@@ -886,14 +876,15 @@ impl Inner {
             let region = lock(&self.intent).region_bytes();
             // A failed clear leaves extra marks: a resync would compare a
             // region more than needed, nothing worse.
-            for t in self.targets() {
-                if let Err(e) = t
-                    .client
-                    .update_intent(region, Vec::new(), clear.clone())
-                    .await
-                {
-                    tracing::warn!(volume.id = %self.name, error = %e, "cannot clear write intent");
-                }
+            let targets = self.targets();
+            let results = join_all(
+                targets
+                    .iter()
+                    .map(|t| t.client.update_intent(region, Vec::new(), clear.clone())),
+            )
+            .await;
+            for e in results.into_iter().filter_map(Result::err) {
+                tracing::warn!(volume.id = %self.name, error = %e, "cannot clear write intent");
             }
         }
         Ok(())
@@ -917,10 +908,25 @@ impl Inner {
         }
     }
 
-    /// The whole blocks around `[offset, offset+len)`, with the first and
-    /// last read from the replicas (the middle is about to be overwritten).
-    async fn read_edges(&self, offset: u64, len: u64) -> Result<BytesMut, Error> {
+    /// Holds the blocks `[offset, offset+len)` touches: shared when the
+    /// request covers them exactly, exclusive when it covers part of one
+    /// (a read-modify-write must not interleave with any write to it).
+    /// Returns whether the request is block-aligned.
+    async fn lock_blocks(&self, offset: u64, len: u64) -> (bool, RangeGuard<'_>) {
         let (a, b) = block_bounds(offset, len);
+        let aligned = a == offset && b == offset + len;
+        let guard = self
+            .ranges
+            .lock(a / BLOCK_SIZE..b / BLOCK_SIZE, !aligned)
+            .await;
+        (aligned, guard)
+    }
+
+    /// Writes `data` at an offset that is not block-aligned: reads the
+    /// first and last blocks it touches, merges, and writes whole blocks.
+    /// The caller holds those blocks exclusively.
+    async fn merge_write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let (a, b) = block_bounds(offset, data.len() as u64);
         let mut buf = BytesMut::zeroed(usize::try_from(b - a).expect("bounded request"));
         let first = self.read_blocks(a, BLOCK_SIZE).await?;
         buf[..first.len()].copy_from_slice(&first);
@@ -929,6 +935,8 @@ impl Inner {
             let n = buf.len();
             buf[n - last.len()..].copy_from_slice(&last);
         }
-        Ok(buf)
+        let at = usize::try_from(offset - a).expect("inside one block");
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.write_blocks(a, buf.freeze()).await
     }
 }

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use shorthorn::replica::Replica;
 
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::content;
+
 /// A child process killed (and reaped) when dropped, so a failing test
 /// leaves no replica behind holding its pipes.
 pub struct Proc(pub Child);
@@ -82,14 +86,6 @@ pub fn start_replica_at(dir: &Path, size: u64, addr: &str) -> Proc {
 pub fn start_replica(dir: &Path, size: u64) -> (Proc, String) {
     let addr = free_addr();
     (start_replica_at(dir, size, &addr), addr)
-}
-
-/// The bytes at `block` written with `tag`: unique per (block, tag).
-pub fn content(block: u64, tag: u32) -> Vec<u8> {
-    let mut b = vec![(tag % 251) as u8 + 1; 4096];
-    b[..8].copy_from_slice(&block.to_le_bytes());
-    b[8..12].copy_from_slice(&tag.to_le_bytes());
-    b
 }
 
 /// The tag of a block written by [`content`], `Some(0)` for zeros, `None`

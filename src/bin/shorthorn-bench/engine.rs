@@ -21,6 +21,15 @@ use super::{
 /// Configurations, in the order they run and print.
 const CONFIGS: [&str; 3] = ["file", "r1", "r3"];
 
+/// The figures each configuration reports (as `<config>_<key>`).
+const KEYS: [&str; 5] = [
+    "randwrite_4k_qd16_iops",
+    "randread_4k_qd16_iops",
+    "randwrite_4k_qd1_p50_us",
+    "randwrite_4k_qd1_p99_us",
+    "seqwrite_1m_mbps",
+];
+
 /// Writes timed one at a time for the latency percentiles.
 const QD1_OPS: usize = 4000;
 
@@ -54,13 +63,7 @@ pub(crate) fn bench_engine(o: &Opts) -> Result<(), BoxError> {
         }
     }
     for cfg in CONFIGS {
-        for k in [
-            "randwrite_4k_qd16_iops",
-            "randread_4k_qd16_iops",
-            "randwrite_4k_qd1_p50_us",
-            "randwrite_4k_qd1_p99_us",
-            "seqwrite_1m_mbps",
-        ] {
+        for k in KEYS {
             let key = format!("{cfg}_{k}");
             let unit = if k.ends_with("iops") {
                 "IOPS"
@@ -263,13 +266,7 @@ fn print_engine(o: &Opts, rep: &Report) {
         "{:<26} {:>12} {:>12} {:>12}",
         "metric", CONFIGS[0], CONFIGS[1], CONFIGS[2]
     );
-    for k in [
-        "randwrite_4k_qd16_iops",
-        "randread_4k_qd16_iops",
-        "randwrite_4k_qd1_p50_us",
-        "randwrite_4k_qd1_p99_us",
-        "seqwrite_1m_mbps",
-    ] {
+    for k in KEYS {
         let v: Vec<f64> = CONFIGS
             .iter()
             .map(|c| rep.get(&format!("{c}_{k}")))
