@@ -408,6 +408,15 @@ async fn snapshots_expand_and_revert_act_on_every_replica() {
         count(&on_replica) >= writes,
         "every write reaches every replica"
     );
+    // Intent marks are counted as such, not as flushes (none was asked).
+    let series = |op: &str| {
+        format!(
+            "shorthorn_replica_requests_total{{volume=\"vol\",replica=\"{}\",op=\"{op}\"}}",
+            addrs[1]
+        )
+    };
+    assert_eq!(count(&series("flush")), 0);
+    assert!(count(&series("intent")) >= 1);
 
     let e = v.snapshot("s1", Default::default()).await.unwrap_err();
     assert_eq!(e.kind(), shorthorn::error::ErrorKind::AlreadyExists, "{e}");

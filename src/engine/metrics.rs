@@ -33,6 +33,9 @@ pub enum Op {
     unmap,
     /// Flush.
     flush,
+    /// Write-intent mark (replicas only): a durable metadata update before
+    /// the first write to a region.
+    intent,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +56,12 @@ struct StateLabels {
     volume: String,
     replica: String,
     mode: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabel {
+    volume: String,
+    replica: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,7 +99,7 @@ impl OpHandles {
 
 /// Handles for one volume or replica, indexed by [`Op`].
 #[derive(Debug, Clone)]
-pub struct Handles([OpHandles; 4]);
+pub struct Handles([OpHandles; 5]);
 
 impl Handles {
     /// The handles of `op`.
@@ -99,7 +108,7 @@ impl Handles {
     }
 }
 
-const OPS: [Op; 4] = [Op::read, Op::write, Op::unmap, Op::flush];
+const OPS: [Op; 5] = [Op::read, Op::write, Op::unmap, Op::flush, Op::intent];
 
 /// The four request series (requests, errors, bytes, latency) of one
 /// subject, a volume or a replica, labelled by `L`.
@@ -171,8 +180,8 @@ pub struct Metrics {
     replica_mode: Family<StateLabels, Gauge>,
     health: Family<NameLabel, Gauge>,
     size: Family<NameLabel, Gauge>,
-    rebuild_done: Family<StateLabels, Gauge>,
-    rebuild_total: Family<StateLabels, Gauge>,
+    rebuild_done: Family<ReplicaLabel, Gauge>,
+    rebuild_total: Family<ReplicaLabel, Gauge>,
 }
 
 impl Metrics {
@@ -261,10 +270,9 @@ impl Metrics {
                     .set(i64::from(r.mode == mode));
             }
             if let Some(p) = &r.rebuild {
-                let l = StateLabels {
+                let l = ReplicaLabel {
                     volume: self.volume.clone(),
                     replica: r.addr.clone(),
-                    mode: "rebuild",
                 };
                 self.rebuild_done.get_or_create(&l).set(gauge(p.done_bytes));
                 self.rebuild_total

@@ -818,7 +818,7 @@ impl Inner {
                 (it.region_bytes(), it.take_wanted())
             };
             let res = self
-                .mirror(Op::flush, 0, |c| {
+                .mirror(Op::intent, 0, |c| {
                     let a = add.clone();
                     async move { c.update_intent(region, a, Vec::new()).await }
                 })
