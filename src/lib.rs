@@ -4,7 +4,8 @@
 //! enforces it):
 //! - [`replica`]: one copy of a volume on one disk, served over TCP.
 //! - [`engine`]: mirrors a volume over its replicas (issue 3).
-//! - `frontend`: iSCSI target and FUSE file (issue 4).
+//! - [`frontend`]: how a volume reaches a kernel: a FUSE block file, and
+//!   the iSCSI target (issue 4).
 //! - [`controller`], [`node`]: the CSI driver (issue 5).
 //!
 //! See ARCHITECTURE.md for how a write travels through them.
@@ -15,6 +16,7 @@ pub mod controller;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod frontend;
 pub mod node;
 pub mod replica;
 pub mod units;
@@ -27,5 +29,14 @@ pub fn raise_fd_limit() {
         if soft < hard {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
+    }
+}
+
+/// The directory holding `path`, for syncing or checking it: `.` for a
+/// bare relative name (whose `parent()` is empty), `None` for `/`.
+pub fn parent_dir(path: &std::path::Path) -> Option<&std::path::Path> {
+    match path.parent() {
+        Some(p) if p.as_os_str().is_empty() => Some(std::path::Path::new(".")),
+        p => p,
     }
 }

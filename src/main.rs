@@ -10,6 +10,7 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand, ValueEnum};
 use shorthorn::engine::{self, control};
 use shorthorn::error::ErrorKind;
+use shorthorn::frontend;
 use shorthorn::replica::client::{Client, ClientError};
 use shorthorn::replica::{self, Replica};
 use shorthorn::units::parse_size;
@@ -76,6 +77,21 @@ struct EngineArgs {
     /// Seconds a replica may take to answer before it is failed.
     #[arg(long, default_value_t = 8)]
     replica_timeout_secs: u64,
+    /// How the volume reaches the kernel; without it, the volume is served
+    /// only through the control API's operations.
+    #[arg(long, value_enum, requires_if("fuse", "path"))]
+    frontend: Option<FrontendKind>,
+    /// File the FUSE frontend serves the volume as (created if missing);
+    /// put a loop device over it to get a block device.
+    #[arg(long, env = "SHORTHORN_FUSE_PATH", requires = "frontend")]
+    path: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FrontendKind {
+    /// One regular file through FUSE (`--path`), for kernels without an
+    /// iSCSI initiator.
+    Fuse,
 }
 
 #[derive(Parser, Debug)]
@@ -256,6 +272,10 @@ fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
             .map(ClientError::kind)
             .or_else(|| c.downcast_ref::<replica::Error>().map(replica::Error::kind))
             .or_else(|| c.downcast_ref::<engine::Error>().map(engine::Error::kind))
+            .or_else(|| {
+                c.downcast_ref::<frontend::Error>()
+                    .map(frontend::Error::kind)
+            })
             .or_else(|| c.downcast_ref::<Remote>().and_then(|r| r.kind))
             .or_else(|| {
                 c.downcast_ref::<tonic::transport::Error>()
@@ -397,6 +417,9 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
         ),
         None => None,
     };
+    if let (Some(FrontendKind::Fuse), Some(path)) = (a.frontend, &a.path) {
+        frontend::fuse::prepare(path)?;
+    }
     let volume = engine::Volume::open_with(&a.volume, a.size, &a.replicas, opts)
         .await
         .with_context(|| format!("opening volume {}", a.volume))?;
@@ -410,6 +433,13 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
             }
         });
     }
+    let fuse = match (a.frontend, &a.path) {
+        (Some(FrontendKind::Fuse), Some(path)) => Some(
+            frontend::fuse::serve(volume.clone(), path, tokio::runtime::Handle::current())
+                .with_context(|| format!("serving volume {} on {}", a.volume, path.display()))?,
+        ),
+        _ => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -421,6 +451,11 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
         .serve(control_listener, shutdown)
         .await?;
     tracing::info!("shutting down");
+    // Unmount first: once it succeeds no request can arrive, so the flush
+    // after it covers every write the frontend acknowledged.
+    if let Some(f) = fuse {
+        f.stop().await?;
+    }
     volume.flush().await?;
     Ok(())
 }

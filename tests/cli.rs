@@ -93,3 +93,33 @@ fn a_misaligned_write_is_an_invalid_argument() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("multiples of 4096"), "{err}");
 }
+
+#[test]
+fn a_replica_directory_may_be_a_bare_relative_name() {
+    let d = tempfile::tempdir().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+        .args(["replica", "--dir", "r1", "--size", "1Mi"])
+        .args(["--listen", &addr.to_string()])
+        .current_dir(d.path())
+        .env("SHORTHORN_LOG", "off")
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("replica exited with {st}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica never came up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(d.path().join("r1/volume.meta").exists());
+}

@@ -4,43 +4,12 @@
 
 mod cluster;
 
-use std::io::{Read, Write};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster::{free_addr, start_replica, Proc};
+use cluster::{ctl, ctl_json, free_addr, http_get, start_replica, Proc};
 
 const SIZE: u64 = 32 << 20;
-
-fn ctl(control: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-        .args(["engine-ctl", "--addr", control])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ctl_json(control: &str, args: &[&str]) -> serde_json::Value {
-    let out = ctl(control, args);
-    assert!(
-        out.status.success(),
-        "engine-ctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
 
 fn start_engine(replicas: &[String], control: &str, metrics: &str) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));

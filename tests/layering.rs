@@ -11,6 +11,7 @@ const RULES: &[(&str, &[&str])] = &[
         &["engine", "frontend", "controller", "node", "store"],
     ),
     ("src/engine", &["frontend", "controller", "node", "store"]),
+    ("src/frontend", &["controller", "node", "store"]),
     ("src/controller", &["node"]),
     ("src/node", &["controller"]),
 ];

@@ -132,9 +132,9 @@ impl Intent {
             .iter()
             .copied()
             .filter(|r| {
-                self.usage.get(r).map_or(true, |u| {
-                    u.inflight == 0 && u.last_done < f && u.last_start + 1 < f
-                })
+                self.usage
+                    .get(r)
+                    .is_none_or(|u| u.inflight == 0 && u.last_done < f && u.last_start + 1 < f)
             })
             .collect();
         for r in &clear {

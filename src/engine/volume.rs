@@ -317,7 +317,7 @@ impl Volume {
         self.inner.size.load(Ordering::SeqCst)
     }
 
-    fn check_io(&self, offset: u64, len: u64) -> Result<(), Error> {
+    fn check_io(&self, offset: u64, len: u64, align: u64) -> Result<(), Error> {
         if len > MAX_REQUEST_BYTES {
             return Err(Error::TooLarge {
                 len,
@@ -325,7 +325,7 @@ impl Volume {
             });
         }
         let size = self.size();
-        check_extent(offset, len, size, SECTOR_SIZE).map_err(|e| match e {
+        check_extent(offset, len, size, align).map_err(|e| match e {
             ExtentError::Misaligned => Error::Misaligned { offset, len },
             ExtentError::PastEnd => Error::OutOfRange { offset, len, size },
         })
@@ -354,12 +354,22 @@ impl Volume {
     /// Writes `data` at `offset` (512-byte aligned) on every replica.
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<(), Error> {
         let len = data.len() as u64;
-        self.timed(Op::write, len, self.write_inner(offset, data))
+        self.timed(Op::write, len, self.write_inner(offset, data, SECTOR_SIZE))
             .await
     }
 
-    async fn write_inner(&self, offset: u64, data: Bytes) -> Result<(), Error> {
-        self.check_io(offset, data.len() as u64)?;
+    /// [`Volume::write`] at any byte offset and length, for frontends that
+    /// serve the volume as a file, where the kernel passes byte ranges
+    /// through (unaligned `O_DIRECT`, write-through page cache). The
+    /// partial blocks go through the same locked read-modify-write.
+    pub async fn write_bytes(&self, offset: u64, data: Bytes) -> Result<(), Error> {
+        let len = data.len() as u64;
+        self.timed(Op::write, len, self.write_inner(offset, data, 1))
+            .await
+    }
+
+    async fn write_inner(&self, offset: u64, data: Bytes, align: u64) -> Result<(), Error> {
+        self.check_io(offset, data.len() as u64, align)?;
         let _g = self.inner.gate.read().await;
         let (aligned, _l) = self.inner.lock_blocks(offset, data.len() as u64).await;
         if aligned {
@@ -373,12 +383,19 @@ impl Volume {
     /// reads back as zeros. Whole blocks are unmapped; the parts of partial
     /// blocks are written with zeros by read-modify-write.
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<(), Error> {
-        self.timed(Op::unmap, len, self.unmap_inner(offset, len))
+        self.timed(Op::unmap, len, self.unmap_inner(offset, len, SECTOR_SIZE))
             .await
     }
 
-    async fn unmap_inner(&self, offset: u64, len: u64) -> Result<(), Error> {
-        self.check_io(offset, len)?;
+    /// [`Volume::unmap`] at any byte offset and length (see
+    /// [`Volume::write_bytes`]).
+    pub async fn unmap_bytes(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.timed(Op::unmap, len, self.unmap_inner(offset, len, 1))
+            .await
+    }
+
+    async fn unmap_inner(&self, offset: u64, len: u64, align: u64) -> Result<(), Error> {
+        self.check_io(offset, len, align)?;
         let _g = self.inner.gate.read().await;
         let (aligned, _l) = self.inner.lock_blocks(offset, len).await;
         if aligned {
@@ -416,12 +433,19 @@ impl Volume {
 
     /// Reads `len` bytes at `offset` (512-byte aligned).
     pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
-        self.timed(Op::read, len, self.read_inner(offset, len))
+        self.timed(Op::read, len, self.read_inner(offset, len, SECTOR_SIZE))
             .await
     }
 
-    async fn read_inner(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
-        self.check_io(offset, len)?;
+    /// [`Volume::read`] at any byte offset and length (see
+    /// [`Volume::write_bytes`]).
+    pub async fn read_bytes(&self, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        self.timed(Op::read, len, self.read_inner(offset, len, 1))
+            .await
+    }
+
+    async fn read_inner(&self, offset: u64, len: u64, align: u64) -> Result<Vec<u8>, Error> {
+        self.check_io(offset, len, align)?;
         let _g = self.inner.gate.read().await;
         let (a, b) = block_bounds(offset, len);
         let data = self.inner.read_blocks(a, b - a).await?;

@@ -210,7 +210,7 @@ impl Replica {
             cause,
         };
         fs::create_dir_all(dir).map_err(open_err)?;
-        if let Some(parent) = dir.parent() {
+        if let Some(parent) = crate::parent_dir(dir) {
             meta::sync_dir(parent).map_err(open_err)?;
         }
         let head = meta::head_file_name(0);

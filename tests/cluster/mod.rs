@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use shorthorn::replica::Replica;
 
 #[path = "../common/mod.rs"]
-mod common;
+pub mod common;
 pub use common::content;
 
 /// A child process killed (and reaped) when dropped, so a failing test
@@ -112,4 +113,37 @@ pub fn replica_digest(dir: &Path, size: u64) -> Vec<u8> {
         off += n as u64;
     }
     h.finalize().to_vec()
+}
+
+/// `shorthorn engine-ctl --addr control ARGS...`.
+pub fn ctl(control: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+        .args(["engine-ctl", "--addr", control])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`ctl`], which must succeed, its JSON output parsed.
+pub fn ctl_json(control: &str, args: &[&str]) -> serde_json::Value {
+    let out = ctl(control, args);
+    assert!(
+        out.status.success(),
+        "engine-ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// GET `path` over plain HTTP/1.1; the whole response, headers included.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }

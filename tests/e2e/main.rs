@@ -11,13 +11,14 @@
 
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
-#[path = "../common/mod.rs"]
-mod common;
+#[path = "../cluster/mod.rs"]
+mod cluster;
+mod fuse;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{run_in, Op, BLOCKS};
+use cluster::common::{self, run_in, Op, BLOCKS};
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
