@@ -79,12 +79,43 @@ struct EngineArgs {
     replica_timeout_secs: u64,
     /// How the volume reaches the kernel; without it, the volume is served
     /// only through the control API's operations.
-    #[arg(long, value_enum, requires_if("fuse", "path"))]
+    #[arg(
+        long,
+        value_enum,
+        requires_if("fuse", "path"),
+        requires_if("iscsi", "portal")
+    )]
     frontend: Option<FrontendKind>,
     /// File the FUSE frontend serves the volume as (created if missing);
     /// put a loop device over it to get a block device.
     #[arg(long, env = "SHORTHORN_FUSE_PATH", requires = "frontend")]
     path: Option<PathBuf>,
+    /// ip:port the iSCSI target listens on (3260 is the standard port).
+    #[arg(long, env = "SHORTHORN_ISCSI_PORTAL", requires = "frontend")]
+    portal: Option<String>,
+    /// CHAP: the name initiators must log in with (with --chap-secret).
+    #[arg(long, env = "SHORTHORN_CHAP_USER", requires = "chap_secret")]
+    chap_user: Option<String>,
+    /// CHAP: the initiators' secret; pass it through the environment so it
+    /// does not show in the process list.
+    #[arg(
+        long,
+        env = "SHORTHORN_CHAP_SECRET",
+        hide_env_values = true,
+        requires = "chap_user"
+    )]
+    chap_secret: Option<String>,
+    /// Mutual CHAP: the name the target answers with.
+    #[arg(long, env = "SHORTHORN_CHAP_TARGET_USER", requires_all = ["chap_target_secret", "chap_user"])]
+    chap_target_user: Option<String>,
+    /// Mutual CHAP: the target's secret.
+    #[arg(
+        long,
+        env = "SHORTHORN_CHAP_TARGET_SECRET",
+        hide_env_values = true,
+        requires = "chap_target_user"
+    )]
+    chap_target_secret: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +123,8 @@ enum FrontendKind {
     /// One regular file through FUSE (`--path`), for kernels without an
     /// iSCSI initiator.
     Fuse,
+    /// An iSCSI target on `--portal`, the volume as LUN 1.
+    Iscsi,
 }
 
 #[derive(Parser, Debug)]
@@ -420,6 +453,30 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
     if let (Some(FrontendKind::Fuse), Some(path)) = (a.frontend, &a.path) {
         frontend::fuse::prepare(path)?;
     }
+    if a.frontend == Some(FrontendKind::Iscsi) {
+        frontend::iscsi::target_name(&a.volume)?;
+    }
+    let iscsi_listener = match (a.frontend, &a.portal) {
+        (Some(FrontendKind::Iscsi), Some(p)) => Some(
+            control::bind(p)
+                .await
+                .with_context(|| format!("listening on {p}"))?,
+        ),
+        _ => None,
+    };
+    let chap = a
+        .chap_user
+        .clone()
+        .zip(a.chap_secret.clone())
+        .map(|(user, secret)| frontend::iscsi::Chap {
+            user,
+            secret: secret.into_bytes(),
+            mutual: a
+                .chap_target_user
+                .clone()
+                .zip(a.chap_target_secret.clone())
+                .map(|(u, s)| (u, s.into_bytes())),
+        });
     let volume = engine::Volume::open_with(&a.volume, a.size, &a.replicas, opts)
         .await
         .with_context(|| format!("opening volume {}", a.volume))?;
@@ -440,6 +497,14 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
         ),
         _ => None,
     };
+    let iscsi = match iscsi_listener {
+        Some(l) => {
+            let target = frontend::iscsi::Target::new(volume.clone(), chap)?;
+            tracing::info!(target = target.name(), portal = ?a.portal, "iSCSI target serving");
+            Some(tokio::spawn(target.serve(l, std::future::pending())))
+        }
+        None => None,
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -455,6 +520,9 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
     // after it covers every write the frontend acknowledged.
     if let Some(f) = fuse {
         f.stop().await?;
+    }
+    if let Some(t) = iscsi {
+        t.abort();
     }
     volume.flush().await?;
     Ok(())

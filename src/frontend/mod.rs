@@ -8,6 +8,7 @@
 //! turns what it exposes into a block device.
 
 pub mod fuse;
+pub mod iscsi;
 
 use crate::error::ErrorKind;
 
@@ -21,6 +22,14 @@ pub enum Error {
         path: String,
         /// What is wrong with it, said so the caller can fix it.
         reason: String,
+    },
+    /// A name that cannot be used where it is needed.
+    #[error("{name:?}: {reason}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// Another live process already serves a volume on that path.
     #[error("{path} is already served by a running FUSE filesystem; stop that engine first")]
@@ -44,7 +53,7 @@ impl Error {
     /// The kind a boundary maps this error to.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::BadPath { .. } => ErrorKind::InvalidArgument,
+            Self::BadPath { .. } | Self::BadName { .. } => ErrorKind::InvalidArgument,
             Self::Busy { .. } => ErrorKind::AlreadyExists,
             Self::Os { .. } => ErrorKind::Io,
         }

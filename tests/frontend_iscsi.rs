@@ -1,0 +1,276 @@
+//! The iSCSI target against independent initiators: libiscsi's tools and
+//! conformance suite (`iscsi-inq`, `iscsi-readcapacity16`, `iscsi-ls`,
+//! `iscsi-test-cu`) and qemu's iSCSI client (`qemu-io`), each talking to a
+//! real engine process over real replica processes on loopback.
+//! `scripts/test` installs libiscsi-bin and qemu-block-extra.
+
+mod cluster;
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster::{free_addr, replica_digest, signal, start_replica, Proc};
+
+const SIZE: u64 = 256 << 20;
+const VOLUME: &str = "vol-iscsi";
+
+struct Target {
+    _dir: tempfile::TempDir,
+    dirs: Vec<std::path::PathBuf>,
+    replicas: Vec<Proc>,
+    engine: Option<Proc>,
+    portal: String,
+}
+
+impl Target {
+    fn start(n: usize, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replicas = Vec::new();
+        let mut dirs = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..n {
+            let d = dir.path().join(format!("r{i}"));
+            let (p, a) = start_replica(&d, SIZE);
+            replicas.push(p);
+            dirs.push(d);
+            addrs.push(a);
+        }
+        let portal = free_addr();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
+        cmd.args(["engine", "--volume", VOLUME, "--size", &SIZE.to_string()])
+            .args(["--control", &free_addr()])
+            .args(["--frontend", "iscsi", "--portal", &portal])
+            .envs(env.iter().copied())
+            .env("SHORTHORN_LOG", "warn")
+            .stdout(Stdio::null());
+        for a in &addrs {
+            cmd.args(["--replica", a]);
+        }
+        let engine = Proc(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&portal).is_err() {
+            assert!(Instant::now() < deadline, "the target never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            _dir: dir,
+            dirs,
+            replicas,
+            engine: Some(engine),
+            portal,
+        }
+    }
+
+    fn url(&self, lun: u32) -> String {
+        format!(
+            "iscsi://{}/iqn.2026-11.io.shorthorn:{VOLUME}/{lun}",
+            self.portal
+        )
+    }
+
+    fn stop_engine(&mut self) {
+        let mut e = self.engine.take().unwrap();
+        signal(&e.0, nix::sys::signal::Signal::SIGTERM);
+        assert!(e.0.wait().unwrap().success());
+    }
+}
+
+fn tool(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is needed ({e}); run scripts/test, which installs it"))
+}
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let out = tool(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn libiscsi_tools_discover_inquire_and_size_the_volume() {
+    let t = Target::start(1, &[]);
+    let ls = ok("iscsi-ls", &[&format!("iscsi://{}", t.portal)]);
+    assert!(
+        ls.contains(&format!(
+            "Target:iqn.2026-11.io.shorthorn:{VOLUME} Portal:{},1",
+            t.portal
+        )),
+        "{ls}"
+    );
+    let inq = ok("iscsi-inq", &[&t.url(1)]);
+    assert!(
+        inq.contains("Peripheral Device Type:DIRECT_ACCESS"),
+        "{inq}"
+    );
+    assert!(inq.contains("CmdQue:1"), "{inq}");
+    let pages = ok("iscsi-inq", &["-e", "1", "-c", "0", &t.url(1)]);
+    for p in ["0x80", "0x83", "0xb0", "0xb1", "0xb2"] {
+        assert!(pages.contains(&format!("Page:{p}")), "{pages}");
+    }
+    let cap = ok("iscsi-readcapacity16", &[&t.url(1)]);
+    assert!(
+        cap.contains(&format!(
+            "RETURNED LOGICAL BLOCK ADDRESS:{}",
+            SIZE / 512 - 1
+        )),
+        "{cap}"
+    );
+    assert!(cap.contains("LBPME:1 LBPRZ:1"), "{cap}");
+    assert!(cap.contains(&format!("Total size:{SIZE}")), "{cap}");
+    // LUN 0 answers as a controller.
+    let inq0 = ok("iscsi-inq", &[&t.url(0)]);
+    assert!(!inq0.contains("DIRECT_ACCESS"), "{inq0}");
+}
+
+#[test]
+fn qemu_writes_a_pattern_every_replica_stores_and_reads_it_back() {
+    let mut t = Target::start(3, &[]);
+    let url = t.url(1);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xa5 1M 3M",
+            "-c",
+            "write -P 0x3c 1031k 9k",
+            &url,
+        ],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xa5 1M 7k",
+            "-c",
+            "read -P 0x3c 1031k 9k",
+            "-c",
+            "read -P 0xa5 1040k 3056k",
+            &url,
+        ],
+    );
+    // A wrong pattern is reported, so the checks above can fail.
+    let bad = tool("qemu-io", &["-f", "raw", "-c", "read -P 0x00 1M 4k", &url]);
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).contains("Pattern verification failed"),
+        "{bad:?}"
+    );
+    t.stop_engine();
+    for r in t.replicas.drain(..) {
+        r.stop();
+    }
+    let d: Vec<_> = t.dirs.iter().map(|d| replica_digest(d, SIZE)).collect();
+    assert!(d[0] == d[1] && d[1] == d[2], "replicas differ");
+}
+
+#[test]
+fn chap_admits_the_right_secret_only() {
+    let env = [
+        ("SHORTHORN_CHAP_USER", "alice"),
+        ("SHORTHORN_CHAP_SECRET", "s3cret-s3cret"),
+    ];
+    let t = Target::start(1, &env);
+    let good = t.url(1).replace("iscsi://", "iscsi://alice%s3cret-s3cret@");
+    ok("iscsi-inq", &[&good]);
+    let bad = t.url(1).replace("iscsi://", "iscsi://alice%wrong-wrong-1@");
+    assert!(!tool("iscsi-inq", &[&bad]).status.success());
+    assert!(!tool("iscsi-inq", &[&t.url(1)]).status.success());
+}
+
+#[test]
+fn mutual_chap_proves_the_target_to_the_initiator() {
+    let env = [
+        ("SHORTHORN_CHAP_USER", "alice"),
+        ("SHORTHORN_CHAP_SECRET", "s3cret-s3cret"),
+        ("SHORTHORN_CHAP_TARGET_USER", "tgt"),
+        ("SHORTHORN_CHAP_TARGET_SECRET", "t4rget-t4rget"),
+    ];
+    let t = Target::start(1, &env);
+    let base = t.url(1).replace("iscsi://", "iscsi://alice%s3cret-s3cret@");
+    ok(
+        "iscsi-inq",
+        &[&format!(
+            "{base}?target_user=tgt&target_password=t4rget-t4rget"
+        )],
+    );
+    // The initiator refuses a target that does not know its secret.
+    let wrong = format!("{base}?target_user=tgt&target_password=other-secret");
+    assert!(!tool("iscsi-inq", &[&wrong]).status.success());
+}
+
+#[test]
+fn hostile_bytes_are_dropped_without_touching_the_volume() {
+    let t = Target::start(1, &[]);
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 0 64k", &t.url(1)],
+    );
+    let attempts: [Vec<u8>; 3] = [
+        // Garbage where a login should be.
+        (0..48u8).map(|i| i.wrapping_mul(7)).collect(),
+        // A SCSI command before any login.
+        {
+            let mut h = vec![0u8; 48];
+            h[0] = 0x01;
+            h[1] = 0xa0;
+            h[32] = 0x2a;
+            h
+        },
+        // A login announcing a data segment far beyond what was declared.
+        {
+            let mut h = vec![0u8; 48];
+            h[0] = 0x43;
+            h[1] = 0x87;
+            h[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+            h
+        },
+    ];
+    for bytes in attempts {
+        let mut s = std::net::TcpStream::connect(&t.portal).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&bytes).unwrap();
+        let mut buf = Vec::new();
+        // The target answers with a refusal or just closes; it never hangs.
+        let _ = s.read_to_end(&mut buf);
+    }
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x77 0 64k", &t.url(1)],
+    );
+}
+
+#[test]
+fn iscsi_test_cu_passes_at_least_as_many_tests_as_tgt() {
+    let t = Target::start(1, &[]);
+    let out = tool("iscsi-test-cu", &["--dataloss", "-s", &t.url(1)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("tests "))
+        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let n: Vec<u32> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let (total, passed) = (n[0], n[2]);
+    eprintln!("iscsi-test-cu: {passed} of {total} passed");
+    assert!(passed >= MIN_PASSED, "{passed} of {total} passed:\n{text}");
+}
+
+/// The floor the conformance run must keep. The issue asks for tgt's
+/// figure (tgt 1.0.85 passes 598 of 615 on this machine); this target
+/// passed 608 when the floor was last raised, and the floor sits two below
+/// that for timing-sensitive tests. The README lists the 7 it fails.
+const MIN_PASSED: u32 = 606;
