@@ -65,13 +65,7 @@ pub(crate) fn bench_engine(o: &Opts) -> Result<(), BoxError> {
     for cfg in CONFIGS {
         for k in KEYS {
             let key = format!("{cfg}_{k}");
-            let unit = if k.ends_with("iops") {
-                "IOPS"
-            } else if k.ends_with("us") {
-                "us"
-            } else {
-                "MB/s"
-            };
+            let unit = super::unit_of(k);
             rep.add(&key, median(samples.remove(&key).unwrap_or_default()), unit);
         }
     }
@@ -242,16 +236,10 @@ async fn vol_seq(v: &Volume, base: u64, total: u64) -> Result<f64, BoxError> {
 fn print_engine(o: &Opts, rep: &Report) {
     let ratio = rep.get("r3_randwrite_4k_qd16_iops") / rep.get("r1_randwrite_4k_qd16_iops");
     if o.json {
-        let mut m = serde_json::Map::new();
-        for (k, v, _) in &rep.rows {
-            m.insert(k.clone(), serde_json::json!(v));
-        }
-        m.insert(
-            "r3_over_r1_randwrite_4k_qd16".into(),
-            serde_json::json!(ratio),
+        println!(
+            "{}",
+            rep.json(&[("r3_over_r1_randwrite_4k_qd16", ratio)], o.quick)
         );
-        m.insert("quick".into(), serde_json::json!(o.quick));
-        println!("{}", serde_json::Value::Object(m));
         return;
     }
     println!(

@@ -4,7 +4,7 @@
 //! same machine, and printed as a table or, with `--json`, as one JSON
 //! object whose keys are stable (CI keeps them to diff).
 //!
-//! `engine` is in `engine.rs`. `replica` measures, for a 1 TiB sparse replica: index memory (counted by
+//! `engine` is in `engine.rs`, `frontends` in `frontends.rs`. `replica` measures, for a 1 TiB sparse replica: index memory (counted by
 //! this binary's global allocator) after 1 GiB written sequentially and after
 //! 100,000 random 4 KiB writes; the time to open a chain of 1,000 snapshots;
 //! and 4 KiB random write/read IOPS at queue depth 16 and 1 MiB sequential
@@ -60,6 +60,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 mod engine;
+mod frontends;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -91,7 +92,7 @@ impl Opts {
 fn usage() -> ! {
     eprintln!(
         "usage: shorthorn-bench PART [--json] [--quick] [--dir DIR] [--shorthorn PATH] [--only PHASE,..]\n\
-         parts: replica, engine (frontends comes with its issue)"
+         parts: replica, engine, frontends"
     );
     std::process::exit(2)
 }
@@ -131,10 +132,7 @@ fn main() {
     let result = match part.as_str() {
         "replica" => bench_replica(&o),
         "engine" => engine::bench_engine(&o),
-        "frontends" => {
-            eprintln!("shorthorn-bench: part {part:?} arrives with its issue; `replica` and `engine` exist so far");
-            std::process::exit(2)
-        }
+        "frontends" => frontends::bench_frontends(&o),
         _ => usage(),
     };
     if let Err(e) = result {
@@ -181,6 +179,19 @@ struct Report {
 impl Report {
     fn add(&mut self, key: &str, value: f64, unit: &str) {
         self.rows.push((key.to_owned(), value, unit.to_owned()));
+    }
+    /// One JSON object: every row, then `extra`, then whether the run
+    /// was quick.
+    fn json(&self, extra: &[(&str, f64)], quick: bool) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v, _) in &self.rows {
+            m.insert(k.clone(), serde_json::json!(v));
+        }
+        for (k, v) in extra {
+            m.insert((*k).to_owned(), serde_json::json!(v));
+        }
+        m.insert("quick".into(), serde_json::json!(quick));
+        serde_json::Value::Object(m)
     }
     fn get(&self, key: &str) -> f64 {
         self.rows
@@ -393,6 +404,17 @@ fn settle(f: &std::fs::File, rt: &tokio::runtime::Runtime, c: &Client) -> Result
     f.sync_all()?;
     rt.block_on(c.flush())?;
     Ok(())
+}
+
+/// The unit a figure's key ends in.
+fn unit_of(key: &str) -> &'static str {
+    if key.ends_with("iops") {
+        "IOPS"
+    } else if key.ends_with("us") {
+        "us"
+    } else {
+        "MB/s"
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

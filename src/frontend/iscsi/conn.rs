@@ -11,7 +11,7 @@
 //! numbers follow the order PDUs really leave in.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,10 @@ const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most data one command may transfer; larger ones are refused before
 /// any buffer is allocated.
 pub const MAX_COMMAND_BYTES: u64 = 64 << 20;
+/// Write data one connection may hold at once (collecting or being
+/// written). Beyond it a command gets TASK SET FULL and the initiator
+/// retries it, so no initiator can make the engine buffer without bound.
+const BUFFER_BUDGET: u64 = 256 << 20;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,8 @@ struct Shared {
     /// Numbered commands accepted and not yet answered; they shrink the
     /// window so the initiator cannot queue without bound.
     pending: AtomicU32,
+    /// Bytes of write buffers held, against [`BUFFER_BUDGET`].
+    buffered: AtomicU64,
     running: Mutex<HashMap<u32, Running>>,
     task_done: Notify,
     tx: mpsc::UnboundedSender<Out>,
@@ -316,6 +322,7 @@ async fn full_feature(
         max_burst: est.params.max_burst_length as usize,
         exp_cmd_sn: AtomicU32::new(est.exp_cmd_sn),
         pending: AtomicU32::new(0),
+        buffered: AtomicU64::new(0),
         running: Mutex::new(HashMap::new()),
         task_done: Notify::new(),
         tx,
@@ -531,6 +538,21 @@ impl Conn {
             send_response(&self.shared, &bhs, itt, edtl, needed, true, resp);
             return;
         }
+        let held = self.shared.buffered.fetch_add(want, Ordering::AcqRel);
+        if held > 0 && held + want > BUFFER_BUDGET {
+            self.shared.buffered.fetch_sub(want, Ordering::AcqRel);
+            self.answered(&bhs);
+            send_response(
+                &self.shared,
+                &bhs,
+                itt,
+                edtl,
+                needed,
+                true,
+                Response::task_set_full(),
+            );
+            return;
+        }
         let want = usize::try_from(want).expect("bounded above");
         let mut c = Collecting {
             cmd: bhs,
@@ -666,6 +688,9 @@ impl Conn {
         let write = c.needed > 0;
         tokio::spawn(async move {
             let resp = lus.execute(&nexus, c.lun, &c.cdb, &c.buf).await;
+            shared
+                .buffered
+                .fetch_sub(c.buf.len() as u64, Ordering::AcqRel);
             tracing::trace!(
                 itt,
                 lun = c.lun,
@@ -718,6 +743,9 @@ impl Conn {
         for itt in aborted {
             found = true;
             if let Some(c) = self.collecting.remove(&itt) {
+                self.shared
+                    .buffered
+                    .fetch_sub(c.buf.len() as u64, Ordering::AcqRel);
                 if c.numbered {
                     self.shared.pending.fetch_sub(1, Ordering::AcqRel);
                 }

@@ -349,6 +349,16 @@ impl Response {
         }
     }
 
+    /// TASK SET FULL: the transport holds as much write data as it
+    /// allows; the initiator retries the command later (SAM-5 5.3.1).
+    pub fn task_set_full() -> Self {
+        Self {
+            status: 0x28,
+            data: Vec::new(),
+            sense: Vec::new(),
+        }
+    }
+
     fn conflict() -> Self {
         Self {
             status: RESERVATION_CONFLICT,

@@ -1,0 +1,339 @@
+//! `frontends`: the same fio jobs against a file directly, tgt serving a
+//! file, shorthorn's iSCSI target with one and three replicas, and
+//! shorthorn's FUSE file under a loop device with one and three replicas.
+//!
+//! Client paths: the file and the loop devices are driven by fio with
+//! libaio and direct I/O; both iSCSI targets are reached the same way, by
+//! qemu-storage-daemon's libiscsi initiator exported over NBD on a unix
+//! socket and fio's nbd engine (this kernel has no iSCSI initiator). So tgt
+//! and shorthorn's target pay the same client costs, and the comparison
+//! between them is the fair one.
+//!
+//! Jobs, in order: 1 MiB sequential write over the whole region (which also
+//! fills it, so reads read data), 4 KiB random write at queue depth 16 and
+//! at queue depth 1 (latency percentiles), 4 KiB random read at depth 16,
+//! 1 MiB sequential read. Needs root (loop devices, FUSE) and fio, tgt,
+//! qemu-utils with qemu-block-extra.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{BoxError, Opts, ReplicaProc, Report, Scratch, GIB, MIB};
+
+/// Configurations, in the order they run and print.
+const CONFIGS: [&str; 6] = ["file", "tgt", "iscsi_r1", "iscsi_r3", "fuse_r1", "fuse_r3"];
+
+/// The figures each configuration reports (as `<config>_<key>`).
+const KEYS: [&str; 5] = [
+    "randwrite_4k_qd16_iops",
+    "randread_4k_qd16_iops",
+    "randwrite_4k_qd1_p99_us",
+    "seqwrite_1m_mbps",
+    "seqread_1m_mbps",
+];
+
+/// A helper process killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, what: &str) -> Result<Daemon, BoxError> {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Daemon)
+        .map_err(|e| format!("starting {what}: {e} (scripts/test installs it)").into())
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, BoxError> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        if Instant::now() > deadline {
+            return Err(format!("{what} never became ready").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Where fio sends I/O: a path (file or block device, libaio) or an NBD
+/// URI.
+enum Sink {
+    Path(PathBuf),
+    Nbd(String),
+}
+
+/// One fio job; returns its JSON report's job object.
+fn fio(sink: &Sink, size: u64, args: &[&str]) -> Result<serde_json::Value, BoxError> {
+    let mut c = Command::new("fio");
+    c.args([
+        "--name=bench",
+        "--output-format=json",
+        "--lat_percentiles=1",
+    ])
+    .arg(format!("--size={size}"))
+    .args(args);
+    match sink {
+        Sink::Path(p) => {
+            c.args(["--ioengine=libaio", "--direct=1"])
+                .arg(format!("--filename={}", p.display()));
+        }
+        Sink::Nbd(uri) => {
+            c.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
+        }
+    }
+    let out = c.output().map_err(|e| format!("fio: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The nbd engine prints a line before the JSON.
+    let json = text.find('{').map_or("", |i| &text[i..]);
+    if !out.status.success() || json.is_empty() {
+        return Err(format!("fio {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    Ok(v["jobs"][0].clone())
+}
+
+/// The five jobs against one sink.
+fn jobs(sink: &Sink, size: u64, secs: u64) -> Result<Vec<(&'static str, f64)>, BoxError> {
+    let t = format!("--runtime={secs}");
+    let random = |rw: &str, depth: &str| {
+        fio(
+            sink,
+            size,
+            &[rw, "--bs=4k", depth, "--time_based", t.as_str()],
+        )
+    };
+    let seqw = fio(sink, size, &["--rw=write", "--bs=1M", "--iodepth=4"])?;
+    let rw16 = random("--rw=randwrite", "--iodepth=16")?;
+    let rw1 = random("--rw=randwrite", "--iodepth=1")?;
+    let rr16 = random("--rw=randread", "--iodepth=16")?;
+    let seqr = fio(sink, size, &["--rw=read", "--bs=1M", "--iodepth=4"])?;
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    Ok(vec![
+        ("randwrite_4k_qd16_iops", f(&rw16["write"]["iops"])),
+        ("randread_4k_qd16_iops", f(&rr16["read"]["iops"])),
+        (
+            "randwrite_4k_qd1_p99_us",
+            f(&rw1["write"]["lat_ns"]["percentile"]["99.000000"]) / 1000.0,
+        ),
+        ("seqwrite_1m_mbps", f(&seqw["write"]["bw_bytes"]) / 1e6),
+        ("seqread_1m_mbps", f(&seqr["read"]["bw_bytes"]) / 1e6),
+    ])
+}
+
+/// A file fully allocated up front, as a file-backed LUN would be.
+fn allocated_file(path: &Path, size: u64) -> Result<(), BoxError> {
+    run(
+        "fallocate",
+        &["-l", &size.to_string(), path.to_str().ok_or("path")?],
+    )?;
+    Ok(())
+}
+
+/// qemu-storage-daemon logged in to `target` on `portal` and exporting LUN
+/// 1 over NBD at `sock`.
+fn nbd_bridge(portal: &str, target: &str, sock: &Path) -> Result<(Daemon, Sink), BoxError> {
+    let d = spawn(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=iscsi,node-name=t,transport=tcp,portal={portal},target={target},lun=1,cache.direct=on"
+            ))
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+            .args(["--export", "type=nbd,id=e,node-name=t,name=x,writable=on"]),
+        "qemu-storage-daemon",
+    )?;
+    wait_for("qemu-storage-daemon", || sock.exists())?;
+    Ok((
+        d,
+        Sink::Nbd(format!("nbd+unix:///x?socket={}", sock.display())),
+    ))
+}
+
+/// Replicas and an engine with `frontend_args`.
+fn engine(
+    o: &Opts,
+    s: &Scratch,
+    n: usize,
+    frontend_args: &[&str],
+) -> Result<(Vec<ReplicaProc>, Daemon), BoxError> {
+    let mut replicas = Vec::new();
+    let mut cmd = Command::new(&o.shorthorn);
+    cmd.args(["engine", "--volume", "bench", "--size", "1Ti"])
+        .arg("--control")
+        .arg(format!("127.0.0.1:{}", free_port()?))
+        .args(frontend_args)
+        .env("SHORTHORN_LOG", "warn");
+    for i in 0..n {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        replicas.push(ReplicaProc::start(
+            &o.shorthorn,
+            &s.0.join(format!("r{i}")),
+            &addr,
+        )?);
+        wait_for("replica", || std::net::TcpStream::connect(&addr).is_ok())?;
+        cmd.args(["--replica", &addr]);
+    }
+    Ok((replicas, spawn(&mut cmd, "shorthorn engine")?))
+}
+
+fn measure(
+    o: &Opts,
+    cfg: &str,
+    size: u64,
+    secs: u64,
+) -> Result<Vec<(&'static str, f64)>, BoxError> {
+    let s = Scratch::new(&o.dir, cfg)?;
+    match cfg {
+        "file" => {
+            let f = s.0.join("file.img");
+            allocated_file(&f, size)?;
+            jobs(&Sink::Path(f), size, secs)
+        }
+        "tgt" => {
+            let f = s.0.join("lun.img");
+            allocated_file(&f, size)?;
+            let port = free_port()?;
+            let ctl = (port % 1000 + 100).to_string();
+            let _tgtd = spawn(
+                Command::new("tgtd")
+                    .args(["-f", "-C", &ctl, "--iscsi"])
+                    .arg(format!("portal=127.0.0.1:{port}")),
+                "tgtd",
+            )?;
+            let adm = |args: &[&str]| {
+                run(
+                    "tgtadm",
+                    &[&["-C", ctl.as_str(), "--lld", "iscsi"][..], args].concat(),
+                )
+            };
+            let target = "iqn.2026-11.io.shorthorn.bench:tgt";
+            wait_for("tgtd", || {
+                adm(&[
+                    "--mode", "target", "--op", "new", "--tid", "1", "-T", target,
+                ])
+                .is_ok()
+            })?;
+            adm(&[
+                "--mode",
+                "logicalunit",
+                "--op",
+                "new",
+                "--tid",
+                "1",
+                "--lun",
+                "1",
+                "-b",
+                f.to_str().ok_or("path")?,
+            ])?;
+            adm(&[
+                "--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL",
+            ])?;
+            let (_qsd, sink) =
+                nbd_bridge(&format!("127.0.0.1:{port}"), target, &s.0.join("nbd.sock"))?;
+            jobs(&sink, size, secs)
+        }
+        _ => {
+            let n = if cfg.ends_with("r1") { 1 } else { 3 };
+            if cfg.starts_with("iscsi") {
+                let portal = format!("127.0.0.1:{}", free_port()?);
+                let (_r, _e) = engine(o, &s, n, &["--frontend", "iscsi", "--portal", &portal])?;
+                wait_for("iSCSI portal", || {
+                    std::net::TcpStream::connect(&portal).is_ok()
+                })?;
+                let (_qsd, sink) = nbd_bridge(
+                    &portal,
+                    "iqn.2026-11.io.shorthorn:bench",
+                    &s.0.join("nbd.sock"),
+                )?;
+                jobs(&sink, size, secs)
+            } else {
+                let file = s.0.join("vol");
+                let path = file.to_str().ok_or("path")?.to_owned();
+                let (_r, _e) = engine(o, &s, n, &["--frontend", "fuse", "--path", &path])?;
+                wait_for("FUSE file", || {
+                    std::fs::metadata(&file).is_ok_and(|m| m.len() == 1 << 40)
+                })?;
+                let dev = run("losetup", &["-f", "--show", "--direct-io=on", &path])?;
+                let r = jobs(&Sink::Path(PathBuf::from(&dev)), size, secs);
+                let _ = run("losetup", &["-d", &dev]);
+                r
+            }
+        }
+    }
+}
+
+pub(crate) fn bench_frontends(o: &Opts) -> Result<(), BoxError> {
+    let size = if o.quick { 256 * MIB } else { GIB };
+    let secs = if o.quick { 3 } else { 10 };
+    let mut rep = Report::default();
+    for cfg in CONFIGS {
+        if !o.json {
+            eprintln!("measuring {cfg} ...");
+        }
+        for (k, v) in measure(o, cfg, size, secs)? {
+            let unit = super::unit_of(k);
+            rep.add(&format!("{cfg}_{k}"), v, unit);
+        }
+    }
+    let ratio = rep.get("iscsi_r1_randwrite_4k_qd16_iops") / rep.get("tgt_randwrite_4k_qd16_iops");
+    if o.json {
+        let extra = [("iscsi_r1_over_tgt_randwrite_4k_qd16", ratio)];
+        println!("{}", rep.json(&extra, o.quick));
+        return Ok(());
+    }
+    println!(
+        "shorthorn frontends benchmark{}",
+        if o.quick {
+            " (--quick: reduced sizes, not comparable)"
+        } else {
+            ""
+        }
+    );
+    print!("{:<26}", "metric");
+    for c in CONFIGS {
+        print!(" {c:>10}");
+    }
+    println!();
+    for k in KEYS {
+        print!("{k:<26}");
+        for c in CONFIGS {
+            print!(" {:>10.1}", rep.get(&format!("{c}_{k}")));
+        }
+        println!();
+    }
+    println!();
+    println!(
+        "4 KiB randwrite QD16, shorthorn iSCSI r1 / tgt: {ratio:.2} ({} target >= 1.00)",
+        if ratio >= 1.0 { "meets" } else { "MISSES" }
+    );
+    Ok(())
+}
