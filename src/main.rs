@@ -93,6 +93,10 @@ struct EngineArgs {
     /// ip:port the iSCSI target listens on (3260 is the standard port).
     #[arg(long, env = "SHORTHORN_ISCSI_PORTAL", requires = "frontend")]
     portal: Option<String>,
+    /// Seconds an iSCSI initiator may stay silent before the target pings
+    /// it (NOP-In), and again before it drops the connection; 0: never.
+    #[arg(long, default_value_t = frontend::iscsi::DEFAULT_NOP.as_secs())]
+    iscsi_nop_secs: u64,
     /// CHAP: the name initiators must log in with (with --chap-secret).
     #[arg(long, env = "SHORTHORN_CHAP_USER", requires = "chap_secret")]
     chap_user: Option<String>,
@@ -499,7 +503,9 @@ async fn run_engine(a: EngineArgs) -> Result<()> {
     };
     let iscsi = match iscsi_listener {
         Some(l) => {
-            let target = frontend::iscsi::Target::new(volume.clone(), chap)?;
+            let nop =
+                (a.iscsi_nop_secs > 0).then(|| std::time::Duration::from_secs(a.iscsi_nop_secs));
+            let target = frontend::iscsi::Target::new(volume.clone(), chap, nop)?;
             tracing::info!(target = target.name(), portal = ?a.portal, "iSCSI target serving");
             Some(tokio::spawn(target.serve(l, std::future::pending())))
         }

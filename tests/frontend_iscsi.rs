@@ -4,6 +4,8 @@
 //! real engine process over real replica processes on loopback.
 //! `scripts/test` installs libiscsi-bin and qemu-block-extra.
 
+#![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
+
 mod cluster;
 
 use std::io::{Read, Write};
@@ -25,6 +27,10 @@ struct Target {
 
 impl Target {
     fn start(n: usize, env: &[(&str, &str)]) -> Self {
+        Self::start_with(n, env, &[])
+    }
+
+    fn start_with(n: usize, env: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut replicas = Vec::new();
         let mut dirs = Vec::new();
@@ -41,6 +47,7 @@ impl Target {
         cmd.args(["engine", "--volume", VOLUME, "--size", &SIZE.to_string()])
             .args(["--control", &free_addr()])
             .args(["--frontend", "iscsi", "--portal", &portal])
+            .args(args)
             .envs(env.iter().copied())
             .env("SHORTHORN_LOG", "warn")
             .stdout(Stdio::null());
@@ -290,7 +297,11 @@ impl Raw {
         let mut h = Bhs::new(op::LOGIN_REQ);
         h.set_immediate();
         h.set_flags(0x87);
-        h.0[8..14].copy_from_slice(&[0x23, 0xd0, 0, 0, 0, 7]);
+        // A fresh ISID per session: the same one would reinstate (end)
+        // the previous session.
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        h.0[8..14].copy_from_slice(&[0x23, 0xd0, 0, 0, 0, n]);
         h.set_itt(1);
         h.set_u32(at::CMDSN, 1);
         let target = format!("iqn.2026-11.io.shorthorn:{VOLUME}");
@@ -370,4 +381,104 @@ fn an_initiator_announcing_more_write_data_than_it_sends_is_held_to_a_budget() {
     assert_eq!(r2t, 8);
     drop(r);
     ok("iscsi-inq", &[&t.url(1)]);
+}
+
+#[test]
+fn random_pdus_after_login_never_take_the_target_down() {
+    use shorthorn::frontend::iscsi::pdu::{encode, Bhs, Framing};
+    let mut t = Target::start(1, &[]);
+    let plain = Framing {
+        header_digest: false,
+        data_digest: false,
+    };
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..20 {
+        let mut r = Raw::login(&t.portal, &[]);
+        r.s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        for _ in 0..50 {
+            let mut h = Bhs([0u8; 48]);
+            for chunk in h.0.chunks_mut(8) {
+                chunk.copy_from_slice(&next().to_le_bytes()[..chunk.len()]);
+            }
+            // Initiator opcodes and a few that only targets send.
+            let ops = [0x00, 0x01, 0x02, 0x04, 0x05, 0x06, 0x10, 0x21, 0x3f, 0x1c];
+            h.0[0] = ops[next() as usize % ops.len()] | (h.0[0] & 0x40);
+            h.0[4] = 0;
+            let data: Vec<u8> = (0..next() % 2048).map(|_| next() as u8).collect();
+            if r.s.write_all(&encode(h, &data, plain)).is_err() {
+                break;
+            }
+        }
+        // Drain what the target answered until it closes or goes quiet.
+        let mut buf = [0u8; 4096];
+        while let Ok(1..) = r.s.read(&mut buf) {}
+    }
+    let engine = t.engine.as_mut().unwrap();
+    assert!(engine.0.try_wait().unwrap().is_none(), "the engine died");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 0 64k",
+            "-c",
+            "read -P 0x42 0 64k",
+            &t.url(1),
+        ],
+    );
+}
+
+#[test]
+fn a_silent_initiator_is_pinged_then_dropped_and_one_that_answers_stays() {
+    use shorthorn::frontend::iscsi::pdu::{at, encode, op, Bhs, Framing, NO_TAG};
+    let t = Target::start_with(1, &[], &["--iscsi-nop-secs", "1"]);
+    let mut silent = Raw::login(&t.portal, &[]);
+    let mut lively = Raw::login(&t.portal, &[]);
+    // The lively one answers every ping for four seconds, then is still
+    // served.
+    let lively = std::thread::spawn(move || {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(4) {
+            let (ping, _) = lively.read();
+            assert_eq!(ping.opcode(), op::NOP_IN);
+            let mut h = Bhs::new(op::NOP_OUT);
+            h.set_immediate();
+            h.set_flags(0x80);
+            h.set_itt(NO_TAG);
+            h.set_u32(at::TTT, ping.u32_at(at::TTT));
+            h.set_u32(at::CMDSN, lively.cmd_sn);
+            let plain = Framing {
+                header_digest: false,
+                data_digest: false,
+            };
+            lively.s.write_all(&encode(h, &[], plain)).unwrap();
+        }
+        lively.write16(1, 0, 0);
+        let (rsp, _) = lively.read();
+        assert_eq!((rsp.opcode(), rsp.itt(), rsp.0[3]), (op::SCSI_RSP, 1, 0));
+    });
+    // The silent one gets a ping, then the connection ends.
+    let start = Instant::now();
+    let (ping, _) = silent.read();
+    assert_eq!(
+        (ping.opcode(), ping.itt()),
+        (op::NOP_IN, NO_TAG),
+        "{ping:?}"
+    );
+    let mut rest = Vec::new();
+    silent.s.read_to_end(&mut rest).unwrap();
+    let dropped = start.elapsed();
+    assert!(
+        dropped < Duration::from_secs(5),
+        "dropped after {dropped:?}"
+    );
+    lively.join().unwrap();
 }

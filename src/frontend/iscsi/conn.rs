@@ -29,10 +29,6 @@ use super::Target;
 
 /// How long a login may take per PDU before the connection is dropped.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Idle time after which the target pings the initiator (NOP-In).
-const NOP_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a ping may go unanswered before the connection is dropped.
-const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most data one command may transfer; larger ones are refused before
 /// any buffer is allocated.
 pub const MAX_COMMAND_BYTES: u64 = 64 << 20;
@@ -333,7 +329,7 @@ async fn full_feature(
     let nexus = nexus_name(&est);
     let registration = (est.session_type == SessionType::Normal)
         .then(|| target.sessions.register(&nexus, shared.clone()));
-    let keepalive = tokio::spawn(keepalive(shared.clone()));
+    let keepalive = tokio::spawn(keepalive(shared.clone(), target.nop));
     let mut c = Conn {
         target: target.clone(),
         shared: shared.clone(),
@@ -357,17 +353,20 @@ async fn full_feature(
     r
 }
 
-async fn keepalive(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+/// Pings an initiator idle for `nop` (NOP-In) and drops it when it stays
+/// silent for `nop` more; never, with `None`.
+async fn keepalive(shared: Arc<Shared>, nop: Option<Duration>) {
+    let Some(nop) = nop else { return };
+    let mut tick = tokio::time::interval((nop / 4).max(Duration::from_millis(100)));
     let mut pinged = false;
     loop {
         tick.tick().await;
         let idle = shared.last_rx.lock().expect("poisoned").elapsed();
-        if idle < NOP_INTERVAL {
+        if idle < nop {
             pinged = false;
             continue;
         }
-        if idle > NOP_INTERVAL + NOP_TIMEOUT {
+        if idle > nop * 2 {
             tracing::warn!("iSCSI initiator stopped answering pings; dropping the connection");
             shared.kill.notify_one();
             return;

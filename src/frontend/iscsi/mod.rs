@@ -27,6 +27,13 @@ pub use login::Chap;
 use login::TargetConfig;
 use scsi::LogicalUnits;
 
+/// How long an initiator may stay silent before it is pinged, and again
+/// before it is dropped. Generous: initiators built on synchronous
+/// libraries (libiscsi's sync calls) answer only when their program next
+/// calls in; a dead peer must not hold its session and reservations
+/// forever either.
+pub const DEFAULT_NOP: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The naming authority of shorthorn's target names.
 pub const IQN_PREFIX: &str = "iqn.2026-11.io.shorthorn";
 
@@ -54,11 +61,19 @@ pub struct Target {
     lus: Arc<LogicalUnits>,
     sessions: conn::Sessions,
     tsih: AtomicU16,
+    /// Idle time before a NOP-In ping, and again before the connection is
+    /// dropped; `None` never pings.
+    nop: Option<std::time::Duration>,
 }
 
 impl Target {
-    /// The target for `volume`, requiring `chap` when given.
-    pub fn new(volume: Volume, chap: Option<Chap>) -> Result<Arc<Self>, super::Error> {
+    /// The target for `volume`, requiring `chap` when given, pinging idle
+    /// initiators after `nop` (see [`DEFAULT_NOP`]).
+    pub fn new(
+        volume: Volume,
+        chap: Option<Chap>,
+        nop: Option<std::time::Duration>,
+    ) -> Result<Arc<Self>, super::Error> {
         let name = target_name(volume.name())?;
         Ok(Arc::new(Self {
             lus: Arc::new(LogicalUnits::new(volume, &name)),
@@ -69,6 +84,7 @@ impl Target {
             },
             sessions: conn::Sessions::default(),
             tsih: AtomicU16::new(1),
+            nop,
         }))
     }
 
