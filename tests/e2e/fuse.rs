@@ -123,6 +123,17 @@ impl Volume {
     }
 }
 
+impl Drop for Volume {
+    fn drop(&mut self) {
+        // An engine killed by a failing test leaves a dead FUSE mount;
+        // detach it so the temporary directory can go.
+        drop(self.engine.take());
+        if is_fuse_mount(&self.path()) {
+            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        }
+    }
+}
+
 fn is_fuse_mount(path: &Path) -> bool {
     let want = path.to_str().unwrap();
     std::fs::read_to_string("/proc/self/mounts")
