@@ -836,7 +836,7 @@ fn decode(cdb: &[u8]) -> Result<Command, Sense> {
         }
         PR_IN => {
             let action = cdb[1] & 0x1F;
-            if action > 2 {
+            if action > 3 {
                 return Err(Sense::invalid_field_in_cdb(1));
             }
             Command::PrIn {
@@ -1813,9 +1813,38 @@ impl Reservations {
                     d.extend([0, 0, 0, 0, 0, p.kind.code(), 0, 0]);
                 }
             },
-            _ => {
+            2 => {
                 // REPORT CAPABILITIES: CRH, ATP_C; TMV with every type.
                 d = vec![0, 8, 0x14, 0x80, 0xEA, 0x01, 0, 0];
+            }
+            _ => {
+                // READ FULL STATUS (SPC-4 6.14.5): one descriptor per
+                // registrant, naming its I_T nexus by an iSCSI TransportID
+                // of the initiator-port form ("name,i,0xISID").
+                let mut body = Vec::new();
+                for (nexus, key) in &self.keys {
+                    let holder = self
+                        .persistent
+                        .as_ref()
+                        .filter(|p| p.kind.all_registrants() || &p.holder == nexus);
+                    let mut id = nexus.as_bytes().to_vec();
+                    id.push(0);
+                    id.resize((id.len() + 4).next_multiple_of(4).max(24) - 4, 0);
+                    body.extend(key.to_be_bytes());
+                    body.extend([0u8; 4]);
+                    body.push(u8::from(holder.is_some()));
+                    body.push(holder.map_or(0, |p| p.kind.code()));
+                    body.extend([0u8; 4]);
+                    body.extend(1u16.to_be_bytes());
+                    let tid_len = u32::try_from(id.len() + 4).unwrap_or(u32::MAX);
+                    body.extend(tid_len.to_be_bytes());
+                    // Format 01b (with ISID), protocol 5 (iSCSI).
+                    body.extend([0x45, 0]);
+                    body.extend(u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+                    body.extend(id);
+                }
+                d.extend(u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+                d.extend(body);
             }
         }
         d
@@ -3034,6 +3063,44 @@ mod tests {
         let cleared = r.pr_out(M, pr::CLEAR, 0, 0, &pr_params(2, 0)).unwrap();
         assert_eq!(cleared, vec![(N.to_owned(), UA_RESERVATIONS_PREEMPTED)]);
         assert!(r.keys.is_empty() && r.persistent.is_none());
+    }
+
+    // SPC-4 6.14.5: READ FULL STATUS names each registrant's nexus and
+    // marks the holder with the reservation's type.
+    #[test]
+    fn spc4_6_14_5_read_full_status() {
+        let mut r = Reservations::default();
+        register(&mut r, N, 1);
+        register(&mut r, M, 2);
+        reserve(&mut r, N, 1, 3).unwrap();
+        let d = r.pr_in(3);
+        let total = usize::try_from(be32(&d, 4)).unwrap();
+        assert_eq!(d.len(), 8 + total);
+        let mut at = 8;
+        let mut seen = Vec::new();
+        while at < d.len() {
+            let key = u64::from_be_bytes(d[at..at + 8].try_into().unwrap());
+            let holder = d[at + 12] & 1 == 1;
+            let tid_len = usize::try_from(be32(&d, at + 20)).unwrap();
+            let tid = &d[at + 24..at + 24 + tid_len];
+            assert_eq!(tid[0], 0x45, "iSCSI TransportID with ISID");
+            assert_eq!(tid_len % 4, 0);
+            assert!(tid_len >= 24);
+            let name_len = usize::from(be16(tid, 2));
+            let name = &tid[4..4 + name_len];
+            let nexus = std::str::from_utf8(&name[..name.iter().position(|&b| b == 0).unwrap()])
+                .unwrap()
+                .to_owned();
+            seen.push((nexus, key, holder, d[at + 13]));
+            at += 24 + tid_len;
+        }
+        seen.sort();
+        let mut want = vec![
+            (N.to_owned(), 1, true, PrType::ExclusiveAccess.code()),
+            (M.to_owned(), 2, false, 0),
+        ];
+        want.sort();
+        assert_eq!(seen, want);
     }
 
     // SPC-2 7.21: RESERVE(6) shuts out every other nexus but for a few
