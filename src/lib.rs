@@ -4,8 +4,8 @@
 //! enforces it):
 //! - [`replica`]: one copy of a volume on one disk, served over TCP.
 //! - [`engine`]: mirrors a volume over its replicas (issue 3).
-//! - [`frontend`]: how a volume reaches a kernel: a FUSE block file, and
-//!   the iSCSI target (issue 4).
+//! - [`frontend`]: how a volume reaches a kernel: a FUSE block file and
+//!   an iSCSI target (issue 4).
 //! - [`controller`], [`node`]: the CSI driver (issue 5).
 //!
 //! See ARCHITECTURE.md for how a write travels through them.

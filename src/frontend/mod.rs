@@ -1,6 +1,6 @@
 //! `frontend` owns how an engine's volume reaches a kernel: the FUSE block
 //! file ([`fuse`]) for nodes whose kernel has no iSCSI initiator, and the
-//! iSCSI target (issue 4, to come).
+//! iSCSI target ([`iscsi`]) that a node with an initiator logs in to.
 //!
 //! A frontend calls into [`crate::engine::Volume`] and nothing above it: it
 //! must not import `crate::controller` or `crate::node` (enforced by
