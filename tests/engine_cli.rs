@@ -7,7 +7,7 @@ mod cluster;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster::{ctl, ctl_json, free_addr, http_get, start_replica, Proc};
+use cluster::{ctl, ctl_json, free_addr, http_get, start_replica, start_replicas, Proc};
 
 const SIZE: u64 = 32 << 20;
 
@@ -32,13 +32,8 @@ fn start_engine(replicas: &[String], control: &str, metrics: &str) -> Proc {
 #[test]
 fn the_engine_is_driven_through_its_control_api_and_exports_metrics() {
     let root = tempfile::tempdir().unwrap();
-    let mut procs = Vec::new();
-    let mut addrs = Vec::new();
-    for i in 0..3 {
-        let (p, a) = start_replica(&root.path().join(format!("r{i}")), SIZE);
-        procs.push(p);
-        addrs.push(a);
-    }
+    let r = start_replicas(root.path(), 3, SIZE);
+    let (_procs, addrs) = (r.procs, r.addrs);
     let (control, metrics) = (free_addr(), free_addr());
     let _engine = start_engine(&addrs, &control, &metrics);
 
@@ -162,14 +157,8 @@ async fn a_rebuild_interrupted_by_an_engine_kill_is_redone_not_promoted() {
     use shorthorn::engine::{Health, Mode, Volume};
 
     let root = tempfile::tempdir().unwrap();
-    let dirs: Vec<_> = (0..3).map(|i| root.path().join(format!("r{i}"))).collect();
-    let mut procs = Vec::new();
-    let mut addrs = Vec::new();
-    for d in &dirs {
-        let (p, a) = start_replica(d, SIZE);
-        procs.push(p);
-        addrs.push(a);
-    }
+    let r = start_replicas(root.path(), 3, SIZE);
+    let (procs, dirs, addrs) = (r.procs, r.dirs, r.addrs);
     // 16 MiB of data on replicas 0 and 1.
     let v = Volume::open("vol", SIZE, &addrs[..2]).await.unwrap();
     for i in 0..16u8 {

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster::{free_addr, replica_digest, signal, start_replica, Proc};
+use cluster::{free_addr, replica_digest, signal, start_replicas, Proc};
 
 const SIZE: u64 = 256 << 20;
 const VOLUME: &str = "vol-iscsi";
@@ -32,16 +32,8 @@ impl Target {
 
     fn start_with(n: usize, env: &[(&str, &str)], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut replicas = Vec::new();
-        let mut dirs = Vec::new();
-        let mut addrs = Vec::new();
-        for i in 0..n {
-            let d = dir.path().join(format!("r{i}"));
-            let (p, a) = start_replica(&d, SIZE);
-            replicas.push(p);
-            dirs.push(d);
-            addrs.push(a);
-        }
+        let r = start_replicas(dir.path(), n, SIZE);
+        let (replicas, dirs, addrs) = (r.procs, r.dirs, r.addrs);
         let portal = free_addr();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
         cmd.args(["engine", "--volume", VOLUME, "--size", &SIZE.to_string()])

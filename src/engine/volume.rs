@@ -52,6 +52,15 @@ pub const SECTOR_SIZE: u64 = 512;
 /// larger transfers; iSCSI announces it as the maximum transfer length).
 pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 
+/// `[offset, offset+len)` as `(offset, len)` pieces of at most one request
+/// each, in order: how frontends split what they receive.
+pub fn request_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..len.div_ceil(MAX_REQUEST_BYTES)).map(move |i| {
+        let at = i * MAX_REQUEST_BYTES;
+        (offset + at, MAX_REQUEST_BYTES.min(len - at))
+    })
+}
+
 /// I/O errors that blame the request, not the replica that reported them.
 fn is_request_error(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::InvalidArgument | ErrorKind::OutOfRange)

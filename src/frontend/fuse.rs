@@ -45,7 +45,7 @@ use fuser::{
 use tokio::runtime::Handle;
 
 use super::Error;
-use crate::engine::volume::MAX_REQUEST_BYTES;
+use crate::engine::volume::request_pieces;
 use crate::engine::{self, Volume};
 use crate::error::ErrorKind;
 
@@ -107,11 +107,6 @@ pub fn serve(volume: Volume, path: &Path, rt: Handle) -> Result<FuseFile, Error>
 }
 
 impl FuseFile {
-    /// The path the file is mounted on.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Unmounts. If the file is still open (a loop device over it), it is
     /// detached lazily and I/O through it fails once this process exits.
     pub async fn stop(self) -> Result<(), Error> {
@@ -164,10 +159,7 @@ pub fn prepare(path: &Path) -> Result<(), Error> {
         .map_err(|e| bad(&format!("its directory is not usable: {e}")))?
         .dev();
     match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!(path = %path.display(), "detaching a FUSE mount left by an engine that stopped");
-            detach(path)?;
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => detach_dead(path)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::OpenOptions::new()
                 .write(true)
@@ -192,10 +184,7 @@ pub fn prepare(path: &Path) -> Result<(), Error> {
             // kernel's cache, so ask the server itself: opening reaches it,
             // and a dead one answers "not connected".
             match std::fs::File::open(path) {
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                    tracing::warn!(path = %path.display(), "detaching a FUSE mount left by an engine that stopped");
-                    detach(path)?;
-                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => detach_dead(path)?,
                 _ => {
                     return Err(Error::Busy {
                         path: path.display().to_string(),
@@ -211,6 +200,13 @@ pub fn prepare(path: &Path) -> Result<(), Error> {
         Ok(_) => {}
     }
     Ok(())
+}
+
+/// Detaches a mount whose server is gone ("transport endpoint is not
+/// connected": an engine killed while serving it).
+fn detach_dead(path: &Path) -> Result<(), Error> {
+    tracing::warn!(path = %path.display(), "detaching a FUSE mount left by an engine that stopped");
+    detach(path)
 }
 
 fn detach(path: &Path) -> Result<(), Error> {
@@ -276,12 +272,8 @@ fn errno(e: &engine::Error) -> Errno {
 
 /// Trims `[offset, offset+len)` in pieces the engine accepts.
 async fn unmap_range(volume: &Volume, offset: u64, len: u64) -> Result<(), engine::Error> {
-    let end = offset + len;
-    let mut at = offset;
-    while at < end {
-        let n = (end - at).min(MAX_REQUEST_BYTES);
+    for (at, n) in request_pieces(offset, len) {
         volume.unmap_bytes(at, n).await?;
-        at += n;
     }
     Ok(())
 }

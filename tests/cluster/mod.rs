@@ -89,6 +89,30 @@ pub fn start_replica(dir: &Path, size: u64) -> (Proc, String) {
     (start_replica_at(dir, size, &addr), addr)
 }
 
+/// `n` replicas of `size` bytes in `root/r0`, `root/r1`, ..., each up.
+pub fn start_replicas(root: &Path, n: usize, size: u64) -> Replicas {
+    let mut r = Replicas::default();
+    for i in 0..n {
+        let dir = root.join(format!("r{i}"));
+        let (p, a) = start_replica(&dir, size);
+        r.procs.push(p);
+        r.dirs.push(dir);
+        r.addrs.push(a);
+    }
+    r
+}
+
+/// What [`start_replicas`] started, index by index.
+#[derive(Default)]
+pub struct Replicas {
+    /// The processes.
+    pub procs: Vec<Proc>,
+    /// Their directories.
+    pub dirs: Vec<std::path::PathBuf>,
+    /// Their addresses.
+    pub addrs: Vec<String>,
+}
+
 /// The tag of a block written by [`content`], `Some(0)` for zeros, `None`
 /// for anything else (torn or misplaced data).
 pub fn tag_of(block: u64, data: &[u8]) -> Option<u32> {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::cluster::{ctl_json, free_addr, http_get, signal, start_replica, Proc};
+use super::cluster::{ctl_json, free_addr, http_get, signal, start_replicas, Proc};
 use super::{require_root, run};
 
 const SIZE: u64 = 512 << 20;
@@ -27,20 +27,12 @@ impl Volume {
     fn start(n: usize) -> Self {
         require_root();
         let dir = tempfile::tempdir().unwrap();
-        let mut replicas = Vec::new();
-        let mut replica_dirs = Vec::new();
-        let mut addrs = Vec::new();
-        for i in 0..n {
-            let d = dir.path().join(format!("r{i}"));
-            let (p, a) = start_replica(&d, SIZE);
-            replicas.push(p);
-            replica_dirs.push(d);
-            addrs.push(a);
-        }
+        let r = start_replicas(dir.path(), n, SIZE);
+        let addrs = r.addrs;
         let mut v = Self {
             dir,
-            replicas,
-            replica_dirs,
+            replicas: r.procs,
+            replica_dirs: r.dirs,
             engine: None,
             control: free_addr(),
             metrics: free_addr(),

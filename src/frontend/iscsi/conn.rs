@@ -140,6 +140,13 @@ impl Shared {
             .wrapping_sub(1)
     }
 
+    /// A numbered command has its final answer: its window slot frees.
+    fn answered(&self, cmd: &Bhs) {
+        if !cmd.immediate() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     fn reject(&self, reason: u8, bad: &Bhs) {
         let mut h = Bhs::new(op::REJECT);
         h.set_flags(0x80);
@@ -223,15 +230,12 @@ async fn writer(
 
 /// A write collecting its data-out.
 struct Collecting {
-    /// The command's header (LUN, tag, immediate bit) for the answer.
+    /// The command's header: LUN, tag, expected length, immediate bit.
     cmd: Bhs,
-    lun: u64,
     cdb: Vec<u8>,
-    edtl: u32,
+    /// What the CDB says the command transfers (for the residual).
     needed: u64,
     buf: Vec<u8>,
-    /// Bytes received into `buf`.
-    received: usize,
     unsolicited_done: bool,
     next_r2t_offset: u32,
     r2t_sn: u32,
@@ -240,7 +244,6 @@ struct Collecting {
     r2ts: HashMap<u32, (u32, u32, u32, u32)>,
     /// Next DataSN of the unsolicited sequence.
     unsolicited_sn: u32,
-    numbered: bool,
 }
 
 /// Serves one TCP connection until it ends.
@@ -447,13 +450,6 @@ impl Conn {
         true
     }
 
-    /// A numbered command answered without a task: frees its window slot.
-    fn answered(&self, bhs: &Bhs) {
-        if !bhs.immediate() {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
     /// Handles one PDU; true ends the connection.
     async fn dispatch(&mut self, p: Pdu) -> Result<bool, ConnError> {
         let discovery = self.est.session_type == SessionType::Discovery;
@@ -487,7 +483,7 @@ impl Conn {
         h.set_lun_raw(p.bhs.lun_raw());
         h.set_itt(p.bhs.itt());
         h.set_u32(at::TTT, NO_TAG);
-        self.answered(&p.bhs);
+        self.shared.answered(&p.bhs);
         self.shared.send(h, p.data.clone());
     }
 
@@ -505,7 +501,7 @@ impl Conn {
                 .expect("poisoned")
                 .contains_key(&itt);
         if in_use {
-            self.answered(&bhs);
+            self.shared.answered(&bhs);
             self.shared.reject(0x07, &bhs); // task in progress
             return;
         }
@@ -528,56 +524,42 @@ impl Conn {
         // write writes the whole blocks that came, a WRITE SAME with the
         // wrong amount is refused).
         let want = if write { u64::from(edtl) } else { 0 };
+        let refuse = |resp| {
+            self.shared.answered(&bhs);
+            send_response(&self.shared, &bhs, needed, resp);
+        };
         if want > MAX_COMMAND_BYTES {
-            self.answered(&bhs);
             // More data than any command here may move (the logical
             // unit refuses the same transfer lengths): refuse before
             // allocating a buffer for it.
-            let resp = Response::check(Sense::invalid_field_in_cdb(0));
-            send_response(&self.shared, &bhs, itt, edtl, needed, true, resp);
-            return;
+            return refuse(Response::check(Sense::invalid_field_in_cdb(0)));
         }
         let held = self.shared.buffered.fetch_add(want, Ordering::AcqRel);
         if held > 0 && held + want > BUFFER_BUDGET {
             self.shared.buffered.fetch_sub(want, Ordering::AcqRel);
-            self.answered(&bhs);
-            send_response(
-                &self.shared,
-                &bhs,
-                itt,
-                edtl,
-                needed,
-                true,
-                Response::task_set_full(),
-            );
-            return;
+            return refuse(Response::task_set_full());
         }
         let want = usize::try_from(want).expect("bounded above");
+        // The immediate data starts the buffer: no copy for the common
+        // write whose data all rides in the command PDU.
+        let imm_len = p.data.len();
+        let mut buf = p.data;
+        buf.resize(want, 0);
         let mut c = Collecting {
             cmd: bhs,
-            lun: bhs.lun(),
             cdb,
-            edtl,
             needed,
-            buf: vec![0u8; want],
-            received: 0,
+            buf,
             // Only writes carry data; a read with F clear sends nothing more.
             unsolicited_done: bhs.final_bit() || !write,
             next_r2t_offset: 0,
             r2t_sn: 0,
             r2ts: HashMap::new(),
             unsolicited_sn: 0,
-            numbered: !bhs.immediate(),
         };
-        let imm = &p.data;
-        if !imm.is_empty() {
-            let n = imm.len().min(want);
-            c.buf[..n].copy_from_slice(&imm[..n]);
-            c.received = n;
-        }
         let params = self.est.params;
         let unsolicited_total = if c.unsolicited_done || params.initial_r2t {
-            imm.len()
+            imm_len
         } else {
             (params.first_burst_length as usize).min(edtl as usize)
         };
@@ -664,7 +646,6 @@ impl Conn {
         if offset < c.buf.len() {
             let n = p.data.len().min(c.buf.len() - offset);
             c.buf[offset..offset + n].copy_from_slice(&p.data[..n]);
-            c.received += n;
         }
         self.advance(itt);
         Ok(())
@@ -672,27 +653,25 @@ impl Conn {
 
     /// Runs a command whose data is complete, as its own task.
     fn execute(&mut self, itt: u32, c: Collecting) {
-        let bhs = c.cmd;
-        let numbered = c.numbered;
+        let lun = c.cmd.lun();
         self.shared.running.lock().expect("poisoned").insert(
             itt,
             Running {
-                lun: c.lun,
+                lun,
                 aborted: false,
             },
         );
         let shared = self.shared.clone();
         let lus = self.target.lus.clone();
         let nexus = self.nexus.clone();
-        let write = c.needed > 0;
         tokio::spawn(async move {
-            let resp = lus.execute(&nexus, c.lun, &c.cdb, &c.buf).await;
+            let resp = lus.execute(&nexus, lun, &c.cdb, &c.buf).await;
             shared
                 .buffered
                 .fetch_sub(c.buf.len() as u64, Ordering::AcqRel);
             tracing::trace!(
                 itt,
-                lun = c.lun,
+                lun,
                 opcode = c.cdb[0],
                 data_out = c.buf.len(),
                 status = resp.status,
@@ -701,11 +680,9 @@ impl Conn {
             );
             let mut running = shared.running.lock().expect("poisoned");
             let aborted = running.remove(&itt).is_none_or(|r| r.aborted);
-            if numbered {
-                shared.pending.fetch_sub(1, Ordering::AcqRel);
-            }
+            shared.answered(&c.cmd);
             if !aborted {
-                send_response(&shared, &bhs, itt, c.edtl, c.needed, write, resp);
+                send_response(&shared, &c.cmd, c.needed, resp);
             }
             drop(running);
             shared.task_done.notify_waiters();
@@ -736,7 +713,7 @@ impl Conn {
         let aborted: Vec<u32> = self
             .collecting
             .iter()
-            .filter(|(itt, c)| hits(**itt, c.lun))
+            .filter(|(itt, c)| hits(**itt, c.cmd.lun()))
             .map(|(itt, _)| *itt)
             .collect();
         for itt in aborted {
@@ -745,9 +722,7 @@ impl Conn {
                 self.shared
                     .buffered
                     .fetch_sub(c.buf.len() as u64, Ordering::AcqRel);
-                if c.numbered {
-                    self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-                }
+                self.shared.answered(&c.cmd);
             }
         }
         {
@@ -791,9 +766,7 @@ impl Conn {
             h.set_flags(0x80);
             h.0[2] = code;
             h.set_itt(bhs.itt());
-            if !bhs.immediate() {
-                shared.pending.fetch_sub(1, Ordering::AcqRel);
-            }
+            shared.answered(&bhs);
             shared.send(h, Vec::new());
         });
     }
@@ -803,7 +776,7 @@ impl Conn {
         h.set_flags(0x80);
         h.0[2] = code;
         h.set_itt(req.itt());
-        self.answered(req);
+        self.shared.answered(req);
         self.shared.send(h, Vec::new());
     }
 
@@ -816,7 +789,7 @@ impl Conn {
         h.set_itt(p.bhs.itt());
         h.set_u32(at::TTT, NO_TAG);
         let Ok(keys) = text::parse(&p.data) else {
-            self.answered(&p.bhs);
+            self.shared.answered(&p.bhs);
             self.shared.reject(reject::PROTOCOL, &p.bhs);
             return;
         };
@@ -837,7 +810,7 @@ impl Conn {
         let mut neg = text::Negotiation::new(self.target.cfg.limits);
         neg.params = self.est.params;
         answer.extend(neg.answer(&rest, false));
-        self.answered(&p.bhs);
+        self.shared.answered(&p.bhs);
         self.shared.send(h, text::encode(&answer));
     }
 
@@ -854,7 +827,7 @@ impl Conn {
         h.set_flags(0x80);
         h.0[2] = if reason == 2 { 2 } else { 0 };
         h.set_itt(p.bhs.itt());
-        self.answered(&p.bhs);
+        self.shared.answered(&p.bhs);
         self.shared.send(h, Vec::new());
         true
     }
@@ -862,15 +835,10 @@ impl Conn {
 
 /// Sends a command's Data-In PDUs and status, with residuals against the
 /// initiator's expected length.
-fn send_response(
-    shared: &Shared,
-    cmd: &Bhs,
-    itt: u32,
-    edtl: u32,
-    needed: u64,
-    write: bool,
-    resp: Response,
-) {
+fn send_response(shared: &Shared, cmd: &Bhs, needed: u64, resp: Response) {
+    let itt = cmd.itt();
+    let edtl = cmd.u32_at(at::EDTL);
+    let write = cmd.flags() & 0x20 != 0;
     let edtl64 = u64::from(edtl);
     // Residual: what the command would move against what was expected.
     let actual = if write {
@@ -945,7 +913,7 @@ fn send_response(
 #[derive(Default)]
 pub struct Sessions {
     by_nexus: Mutex<HashMap<String, (u64, Arc<Shared>)>>,
-    next: AtomicU32,
+    next: AtomicU64,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -956,7 +924,7 @@ impl std::fmt::Debug for Sessions {
 
 impl Sessions {
     fn register(&self, nexus: &str, s: Arc<Shared>) -> u64 {
-        let id = u64::from(self.next.fetch_add(1, Ordering::Relaxed));
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let old = self
             .by_nexus
             .lock()

@@ -31,7 +31,7 @@ use std::sync::{Mutex, MutexGuard};
 use bytes::Bytes;
 use tracing::warn;
 
-use crate::engine::volume::MAX_REQUEST_BYTES;
+use crate::engine::volume::{request_pieces as pieces, MAX_REQUEST_BYTES};
 use crate::engine::{self, Volume};
 use crate::error::ErrorKind;
 
@@ -1896,14 +1896,6 @@ fn engine_sense(io: Io, err: &engine::Error) -> Sense {
         Io::Read => Sense::unrecovered_read_error(),
         Io::Write | Io::Unmap | Io::Flush => Sense::write_error(),
     }
-}
-
-/// `(offset, len)` pieces of at most one engine request.
-fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
-    (0..len.div_ceil(MAX_REQUEST_BYTES)).map(move |i| {
-        let at = i * MAX_REQUEST_BYTES;
-        (offset + at, MAX_REQUEST_BYTES.min(len - at))
-    })
 }
 
 fn bytes_of(blocks: u64) -> usize {

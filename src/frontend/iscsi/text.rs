@@ -120,7 +120,7 @@ pub struct Negotiation {
     /// The parameters as negotiated so far.
     pub params: Params,
     /// Declarations the initiator made (InitiatorName, SessionType, ...).
-    pub declared: BTreeMap<String, String>,
+    declared: BTreeMap<String, String>,
     /// Whether the target has declared its MaxRecvDataSegmentLength.
     sent_mrdsl: bool,
 }
