@@ -27,8 +27,8 @@ struct Usage {
     last_done: u64,
 }
 
-/// Region bookkeeping. Flush windows are numbered; [`start_flush`]
-/// (Self::start_flush) opens the next one.
+/// Region bookkeeping. Flush windows are numbered;
+/// [`start_flush`](Self::start_flush) opens the next one.
 #[derive(Debug)]
 pub struct Intent {
     region_bytes: u64,
