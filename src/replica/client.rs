@@ -473,10 +473,18 @@ async fn write_requests(
 ) -> io::Result<()> {
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
+        let mut yielded = false;
         while let Some(o) = next {
             wr.write_all(&o.header).await?;
             wr.write_all(&o.payload).await?;
             next = rx.try_recv().ok();
+            if next.is_none() && !yielded {
+                // Senders that are already runnable get one turn to queue
+                // theirs, so one send carries them all.
+                yielded = true;
+                tokio::task::yield_now().await;
+                next = rx.try_recv().ok();
+            }
         }
         wr.flush().await?;
     }

@@ -20,6 +20,19 @@ pub fn allocated_bytes(md: &std::fs::Metadata) -> u64 {
     md.blocks() * 512
 }
 
+/// The largest piece one `pwrite` of a layer carries.
+///
+/// The kernel sizes a page-cache folio by the write that creates it, and a
+/// later small write into a folio walks every buffer head of that folio. On
+/// ext4 (kernel 6.18, measured with fio: 1 GiB written sequentially in
+/// pieces of the given size, then 4 KiB random writes into it) rewriting
+/// 4 KiB costs about 17 us of kernel CPU inside 1 MiB folios, 7.5 us inside
+/// 256 KiB ones and 4 us inside 64 KiB ones, while sequential throughput
+/// with 64 KiB pieces is no lower. Volumes see exactly that pattern (a
+/// restore or bulk load, then a database's small random writes), so large
+/// writes are cut at 64 KiB boundaries.
+pub const WRITE_PIECE: u64 = 64 << 10;
+
 /// An open layer file. Positional I/O only, so one handle serves many
 /// concurrent requests without a lock.
 #[derive(Debug)]
@@ -96,9 +109,18 @@ impl Layer {
         Ok(true)
     }
 
-    /// Writes all of `buf` at `offset`.
+    /// Writes all of `buf` at `offset`, in pieces that end on
+    /// [`WRITE_PIECE`] boundaries of the file.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let room = WRITE_PIECE - (at % WRITE_PIECE);
+            let n = (buf.len() - done).min(usize::try_from(room).unwrap_or(usize::MAX));
+            self.file.write_all_at(&buf[done..done + n], at)?;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Deallocates `[offset, offset+len)`; it reads back as zeros and, in the
@@ -184,5 +206,26 @@ impl Layer {
             pos = hole;
         }
         Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write crossing several piece boundaries, starting and ending
+    /// inside a piece, lands whole and nowhere else.
+    #[test]
+    fn a_write_cut_into_pieces_lands_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layer::create(&dir.path().join("l.img"), 1 << 20).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        let at = WRITE_PIECE - 4096;
+        l.write_at(&data, at).unwrap();
+        let mut back = vec![0u8; data.len() + 8192];
+        l.read_at(&mut back, at - 4096).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&back[4096..4096 + data.len()], &data[..]);
+        assert!(back[4096 + data.len()..].iter().all(|&b| b == 0));
     }
 }

@@ -216,7 +216,13 @@ async fn writer(
             }
         }
         if r.is_ok() && rx.is_empty() {
-            r = w.flush().await;
+            // Commands finishing together (one replica reply read carries
+            // several) get one turn to queue their responses, so one send
+            // carries them all.
+            tokio::task::yield_now().await;
+            if rx.is_empty() {
+                r = w.flush().await;
+            }
         }
         if let Err(e) = r {
             tracing::debug!(error = %e, "iSCSI connection write failed");
