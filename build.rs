@@ -2,7 +2,11 @@
 //! compiler, so no system `protoc`) and tonic-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/engine.proto"];
+    let protos = [
+        "proto/engine.proto",
+        "proto/manager.proto",
+        "proto/csi.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
@@ -10,7 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
-        .type_attribute(".", "#[derive(serde::Serialize)]")
+        // The engine-ctl CLI prints engine replies as JSON.
+        .type_attribute(".shorthorn.engine.v1", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -6,19 +6,23 @@
 //! - [`engine`]: mirrors a volume over its replicas (issue 3).
 //! - [`frontend`]: how a volume reaches a kernel: a FUSE block file and
 //!   an iSCSI target (issue 4).
-//! - [`controller`], [`node`]: the CSI driver (issue 5).
+//! - [`store`]: the cluster state's persistence (versioned records,
+//!   conditional transactions; embedded redb by default).
+//! - [`controller`], [`node`]: the CSI driver (issue 5), over [`csi`].
 //!
 //! See ARCHITECTURE.md for how a write travels through them.
 
 #![warn(missing_docs)]
 
 pub mod controller;
+pub mod csi;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod frontend;
 pub mod node;
 pub mod replica;
+pub mod store;
 pub mod units;
 
 /// Raises this process's open-file limit to its hard limit: a replica keeps

@@ -51,6 +51,25 @@ enum Mode {
     Engine(EngineArgs),
     /// Drive a running engine through its control API.
     EngineCtl(EngineCtlArgs),
+    /// Serve the CSI Identity and Controller services and the manager API.
+    Controller(ControllerArgs),
+}
+
+#[derive(Parser, Debug)]
+struct ControllerArgs {
+    /// CSI endpoint, unix:///absolute/path.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    csi_endpoint: String,
+    /// host:port where node agents and `shorthorn ctl` reach the manager API.
+    #[arg(
+        long,
+        env = "SHORTHORN_CONTROLLER_LISTEN",
+        default_value = "0.0.0.0:9530"
+    )]
+    listen: std::net::SocketAddr,
+    /// Directory of the controller's state (state.redb).
+    #[arg(long, env = "SHORTHORN_DATA_DIR")]
+    data_dir: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -313,6 +332,10 @@ fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
                 c.downcast_ref::<frontend::Error>()
                     .map(frontend::Error::kind)
             })
+            .or_else(|| {
+                c.downcast_ref::<shorthorn::controller::Error>()
+                    .map(shorthorn::controller::Error::kind)
+            })
             .or_else(|| c.downcast_ref::<Remote>().and_then(|r| r.kind))
             .or_else(|| {
                 c.downcast_ref::<tonic::transport::Error>()
@@ -329,6 +352,7 @@ fn run(cli: Cli) -> Result<()> {
     let thread_name = match &cli.mode {
         Mode::Replica(_) => "sh-replica",
         Mode::Engine(_) => "sh-engine",
+        Mode::Controller(_) => "sh-controller",
         Mode::ReplicaCtl(_) | Mode::EngineCtl(_) => "sh-ctl",
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -342,8 +366,30 @@ fn run(cli: Cli) -> Result<()> {
             Mode::ReplicaCtl(a) => run_ctl(a).await,
             Mode::Engine(a) => run_engine(a).await,
             Mode::EngineCtl(a) => run_engine_ctl(a).await,
+            Mode::Controller(a) => run_controller(a).await,
         }
     })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn run_controller(a: ControllerArgs) -> Result<()> {
+    let socket = shorthorn::controller::unix_endpoint(&a.csi_endpoint)?;
+    shorthorn::controller::run(&socket, a.listen, &a.data_dir, terminated()).await?;
+    Ok(())
 }
 
 async fn run_replica(a: ReplicaArgs) -> Result<()> {

@@ -12,6 +12,10 @@ const RULES: &[(&str, &[&str])] = &[
     ),
     ("src/engine", &["frontend", "controller", "node", "store"]),
     ("src/frontend", &["controller", "node", "store"]),
+    (
+        "src/store",
+        &["replica", "engine", "frontend", "controller", "node"],
+    ),
     ("src/controller", &["node"]),
     ("src/node", &["controller"]),
 ];

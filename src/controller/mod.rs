@@ -1,8 +1,145 @@
-//! `controller` will own the cluster's desired state: the CSI Identity and
-//! Controller services, the scheduler that places each volume's replicas on
-//! distinct nodes' disks, and the manager that replaces lost replicas
-//! (issue 5).
+//! `controller` owns the cluster's desired state: the CSI Identity and
+//! Controller services ([`service`]), the scheduler that places each
+//! volume's replicas on distinct nodes' disks ([`scheduler`]), the
+//! StorageClass parameters ([`params`]) and the records kept in the store
+//! ([`model`]). Nodes register through the manager API
+//! (`proto/manager.proto`).
+//!
+//! Status (issue 5, in progress): volumes are validated, scheduled and
+//! recorded; the node agent that creates replicas on disks and starts
+//! engines, ControllerPublish, snapshots, expansion and replica
+//! replacement come next.
 //!
 //! It talks to nodes over their gRPC agent API, never by calling
 //! `crate::node` code, and must not import `crate::node` (enforced by
 //! `tests/layering.rs`).
+
+pub mod model;
+pub mod params;
+pub mod scheduler;
+pub mod service;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::csi;
+use crate::store::{Db, Store};
+
+/// The manager API's messages and services, generated from
+/// `proto/manager.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod manager_api {
+    tonic::include_proto!("shorthorn.manager.v1");
+}
+
+/// What can stop the controller from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The CSI endpoint is not a `unix://` URL.
+    #[error("CSI endpoint {0:?} must be unix:///absolute/path")]
+    Endpoint(String),
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    /// A socket cannot be bound or served.
+    #[error("{what}: {cause}")]
+    Serve {
+        /// Which socket.
+        what: String,
+        /// Why.
+        cause: String,
+    },
+}
+
+impl Error {
+    /// The kind the CLI maps to an exit status.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            Self::Endpoint(_) => crate::error::ErrorKind::InvalidArgument,
+            Self::Store(e) => e.kind(),
+            Self::Serve { .. } => crate::error::ErrorKind::Unavailable,
+        }
+    }
+}
+
+/// The socket path of a `unix://` CSI endpoint.
+pub fn unix_endpoint(endpoint: &str) -> Result<PathBuf, Error> {
+    endpoint
+        .strip_prefix("unix://")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| Error::Endpoint(endpoint.to_owned()))
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file a killed
+/// process left behind.
+pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+    let fail = |e: std::io::Error| Error::Serve {
+        what: format!("CSI socket {}", path.display()),
+        cause: e.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+    }
+    tokio::net::UnixListener::bind(path).map_err(fail)
+}
+
+/// Runs the controller: CSI Identity + Controller on `csi_socket`, the
+/// manager API on `listen`, state in `data_dir/state.redb`; returns when
+/// `shutdown` resolves.
+pub async fn run(
+    csi_socket: &Path,
+    listen: std::net::SocketAddr,
+    data_dir: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    std::fs::create_dir_all(data_dir).map_err(|e| Error::Serve {
+        what: format!("data directory {}", data_dir.display()),
+        cause: e.to_string(),
+    })?;
+    let store: Arc<dyn Store> = Arc::new(Db::open(&data_dir.join("state.redb"))?);
+    let ctl = Arc::new(service::Controller::new(store));
+    let uds = bind_unix(csi_socket)?;
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Serve {
+            what: format!("manager API on {listen}"),
+            cause: e.to_string(),
+        })?;
+    tracing::info!(csi = %csi_socket.display(), manager = %listen, "controller serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let csi_server = tonic::transport::Server::builder()
+        .add_service(csi::identity_server::IdentityServer::new(ctl.clone()))
+        .add_service(csi::controller_server::ControllerServer::new(ctl.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(uds),
+            stopped(stop_rx.clone()),
+        );
+    let manager_server = tonic::transport::Server::builder()
+        .add_service(manager_api::manager_server::ManagerServer::new(ctl))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(tcp),
+            stopped(stop_rx),
+        );
+    let (a, b) = tokio::join!(csi_server, manager_server);
+    for (what, r) in [("CSI", a), ("manager", b)] {
+        r.map_err(|e| Error::Serve {
+            what: format!("{what} server"),
+            cause: e.to_string(),
+        })?;
+    }
+    let _ = std::fs::remove_file(csi_socket);
+    Ok(())
+}

@@ -1,0 +1,794 @@
+//! The CSI Identity and Controller services, and the manager API, over
+//! the store.
+//!
+//! Every handler validates its request completely before it reads or
+//! writes state, so bad input changes nothing. Operations on one volume
+//! are serialised by [`Busy`]: a second call for a volume with one in
+//! flight gets ABORTED at once, as the CSI spec asks. Writes go through
+//! conditional store commits, so even two controllers on one store could
+//! not overwrite each other's decisions.
+
+// Handlers answer with tonic's Status (the CSI boundary); the helpers they
+// call build the same Status, which is large but returned only on the
+// error path.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tonic::{Code, Request, Response, Status};
+
+use crate::csi;
+use crate::csi::controller_service_capability::rpc::Type as Rpc;
+use crate::csi::volume_capability::access_mode::Mode;
+use crate::store::{self, Expect, Store};
+
+use super::manager_api as mapi;
+use super::model::{
+    volume_id, NodeRecord, VolumeRecord, VolumeState, NAMES, NODES, VOLUMES, ZONE_KEY,
+};
+use super::params::{FsType, VolumeParams};
+use super::scheduler::{self, Candidate, Disk};
+
+/// The CSI driver name.
+pub const DRIVER_NAME: &str = "driver.shorthorn.io";
+
+/// Volume sizes are whole MiB (the engine needs 4 KiB multiples; MiB keeps
+/// sizes readable).
+pub const SIZE_STEP: u64 = 1 << 20;
+
+/// Size of a volume whose request names none.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// Over-provisioning percentage the scheduler allows on each disk.
+pub const OVER_PROVISIONING: u64 = 200;
+
+/// Controller RPCs this build implements (and so advertises).
+const CAPABILITIES: [Rpc; 4] = [
+    Rpc::CreateDeleteVolume,
+    Rpc::ListVolumes,
+    Rpc::GetCapacity,
+    Rpc::GetVolume,
+];
+
+/// The controller's shared state.
+#[derive(Debug)]
+pub struct Controller {
+    store: Arc<dyn Store>,
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Holds one volume's operation slot; frees it when dropped.
+struct Busy<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("poisoned").remove(&self.key);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+/// A store failure as a gRPC status: a lost conditional write means a
+/// concurrent change (ABORTED, retry); anything else is internal.
+fn store_status(e: store::Error) -> Status {
+    match e {
+        store::Error::Conflict { .. } => Status::aborted(format!("{e}; retry")),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// Checks one capability: an access type, a single-node access mode, and
+/// a filesystem NodeStage can make.
+fn check_capability(c: &csi::VolumeCapability) -> Result<(), String> {
+    use csi::volume_capability::AccessType;
+    match &c.access_type {
+        None => return Err("a volume capability names neither block nor mount".into()),
+        Some(AccessType::Mount(m)) => {
+            FsType::parse(&m.fs_type)?;
+        }
+        Some(AccessType::Block(_)) => {}
+    }
+    let mode = c
+        .access_mode
+        .as_ref()
+        .map(|m| Mode::try_from(m.mode).unwrap_or(Mode::Unknown))
+        .unwrap_or(Mode::Unknown);
+    match mode {
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => Ok(()),
+        Mode::Unknown => Err("a volume capability has no access mode".into()),
+        other => Err(format!(
+            "access mode {} is not supported: a shorthorn volume attaches to one node at a time",
+            other.as_str_name()
+        )),
+    }
+}
+
+fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<(), Status> {
+    if caps.is_empty() {
+        return Err(invalid("volume_capabilities must not be empty"));
+    }
+    caps.iter().try_for_each(check_capability).map_err(invalid)
+}
+
+/// The size to provision for `range`: the required bytes rounded up to
+/// [`SIZE_STEP`], or [`DEFAULT_SIZE`] (capped by the limit) when none is
+/// required.
+fn size_for(range: Option<&csi::CapacityRange>) -> Result<u64, Status> {
+    let (req, lim) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if req < 0 || lim < 0 {
+        return Err(Status::out_of_range("capacity bytes must not be negative"));
+    }
+    let (req, lim) = (req.unsigned_abs(), lim.unsigned_abs());
+    if lim != 0 && req > lim {
+        return Err(Status::out_of_range(format!(
+            "required_bytes {req} exceeds limit_bytes {lim}"
+        )));
+    }
+    let size = if req == 0 {
+        if lim == 0 {
+            DEFAULT_SIZE
+        } else {
+            (lim / SIZE_STEP * SIZE_STEP).min(DEFAULT_SIZE)
+        }
+    } else {
+        req.div_ceil(SIZE_STEP) * SIZE_STEP
+    };
+    if size == 0 || (lim != 0 && size > lim) {
+        return Err(Status::out_of_range(format!(
+            "no size in whole MiB fits required_bytes {req} and limit_bytes {lim}"
+        )));
+    }
+    Ok(size)
+}
+
+/// Whether an existing volume satisfies a repeated CreateVolume.
+fn compatible(v: &VolumeRecord, range: Option<&csi::CapacityRange>, p: &VolumeParams) -> bool {
+    let (req, lim) = range.map_or((0, 0), |r| (r.required_bytes.max(0), r.limit_bytes.max(0)));
+    v.size >= req.unsigned_abs() && (lim == 0 || v.size <= lim.unsigned_abs()) && v.params == *p
+}
+
+/// Node ids allowed by a topology requirement: those matching one of its
+/// requisite segments (all of whose keys the node reports with the same
+/// value). `None` when the request does not constrain topology.
+fn allowed_nodes(
+    req: Option<&csi::TopologyRequirement>,
+    nodes: &[NodeRecord],
+) -> Option<BTreeSet<String>> {
+    let req = req?;
+    let wanted: Vec<&csi::Topology> = if req.requisite.is_empty() {
+        req.preferred.iter().collect()
+    } else {
+        req.requisite.iter().collect()
+    };
+    if wanted.is_empty() {
+        return None;
+    }
+    Some(
+        nodes
+            .iter()
+            .filter(|n| {
+                wanted.iter().any(|t| {
+                    t.segments
+                        .iter()
+                        .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
+                })
+            })
+            .map(|n| n.id.clone())
+            .collect(),
+    )
+}
+
+impl Controller {
+    /// A controller over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn begin(&self, key: &str) -> Result<Busy<'_>, Status> {
+        let mut set = self.busy.lock().expect("poisoned");
+        if !set.insert(key.to_owned()) {
+            return Err(Status::aborted(format!(
+                "an operation on volume {key:?} is in progress; retry"
+            )));
+        }
+        Ok(Busy {
+            set: &self.busy,
+            key: key.to_owned(),
+        })
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>, Status> {
+        Ok(NODES
+            .all(&*self.store)
+            .map_err(store_status)?
+            .into_iter()
+            .map(|(_, v)| v.value)
+            .collect())
+    }
+
+    /// Bytes scheduled per (node, disk) by every volume's replicas.
+    fn scheduled(&self) -> Result<BTreeMap<(String, String), u64>, Status> {
+        let mut used = BTreeMap::new();
+        for (_, v) in VOLUMES.all(&*self.store).map_err(store_status)? {
+            for r in &v.value.replicas {
+                *used.entry((r.node.clone(), r.disk.clone())).or_default() += v.value.size;
+            }
+        }
+        Ok(used)
+    }
+
+    fn get_volume(&self, id: &str) -> Result<Option<VolumeRecord>, Status> {
+        Ok(VOLUMES
+            .get(&*self.store, id)
+            .map_err(store_status)?
+            .map(|v| v.value))
+    }
+
+    fn csi_volume(v: &VolumeRecord) -> csi::Volume {
+        csi::Volume {
+            capacity_bytes: i64::try_from(v.size).unwrap_or(i64::MAX),
+            volume_id: v.id.clone(),
+            volume_context: HashMap::from([
+                ("numberOfReplicas".to_owned(), v.params.replicas.to_string()),
+                (
+                    "fsType".to_owned(),
+                    match v.params.fs_type {
+                        FsType::Ext4 => "ext4",
+                        FsType::Xfs => "xfs",
+                    }
+                    .to_owned(),
+                ),
+            ]),
+            content_source: None,
+            accessible_topology: Vec::new(),
+        }
+    }
+
+    fn condition(v: &VolumeRecord) -> csi::VolumeCondition {
+        let abnormal = matches!(v.state, VolumeState::Degraded | VolumeState::Faulted);
+        csi::VolumeCondition {
+            abnormal,
+            message: format!("volume is {:?}", v.state).to_lowercase(),
+        }
+    }
+
+    fn scheduler_request(
+        p: &VolumeParams,
+        size: u64,
+        allowed: Option<BTreeSet<String>>,
+    ) -> scheduler::Request {
+        scheduler::Request {
+            size,
+            count: p.replicas as usize,
+            disk_selector: p.disk_selector.clone(),
+            node_selector: p.node_selector.clone(),
+            allowed,
+            excluded: BTreeSet::new(),
+        }
+    }
+}
+
+fn candidates(nodes: &[NodeRecord]) -> Vec<Candidate<'_>> {
+    nodes
+        .iter()
+        .map(|n| Candidate {
+            node: &n.id,
+            zone: n.topology.get(ZONE_KEY).map(String::as_str),
+            tags: &n.tags,
+            disks: &n.disks,
+        })
+        .collect()
+}
+
+/// Page tokens are `p1:` and the last volume id returned; anything else
+/// is a token this controller never issued.
+fn parse_token(t: &str) -> Result<Option<&str>, Status> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    t.strip_prefix("p1:")
+        .filter(|id| !id.is_empty())
+        .map(Some)
+        .ok_or_else(|| {
+            Status::aborted(format!(
+                "starting_token {t:?} was not issued by this controller"
+            ))
+        })
+}
+
+#[tonic::async_trait]
+impl csi::identity_server::Identity for Arc<Controller> {
+    async fn get_plugin_info(
+        &self,
+        _r: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(plugin_info()))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _r: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        use csi::plugin_capability::{service::Type as S, Service, Type};
+        let caps = [S::ControllerService, S::VolumeAccessibilityConstraints]
+            .into_iter()
+            .map(|t| csi::PluginCapability {
+                r#type: Some(Type::Service(Service { r#type: t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
+            capabilities: caps,
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _r: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        // Ready when the store answers a read.
+        let ready = self.store.list(store::Kind::Node, None, 1).is_ok();
+        Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+/// This driver's name and version.
+pub fn plugin_info() -> csi::GetPluginInfoResponse {
+    csi::GetPluginInfoResponse {
+        name: DRIVER_NAME.to_owned(),
+        vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+        manifest: HashMap::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl csi::controller_server::Controller for Arc<Controller> {
+    async fn create_volume(
+        &self,
+        r: Request<csi::CreateVolumeRequest>,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let r = r.into_inner();
+        if r.name.is_empty() {
+            return Err(invalid("name must not be empty"));
+        }
+        check_capabilities(&r.volume_capabilities)?;
+        let size = size_for(r.capacity_range.as_ref())?;
+        let mut params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
+        params
+            .apply_mutable(&r.mutable_parameters)
+            .map_err(invalid)?;
+        if r.volume_content_source.is_some() {
+            return Err(invalid(
+                "volume_content_source is not supported by this build (no CLONE_VOLUME or snapshot capability)",
+            ));
+        }
+        let id = volume_id(&r.name);
+        let _busy = self.begin(&id)?;
+        if let Some(v) = self.get_volume(&id)? {
+            if v.name != r.name {
+                return Err(Status::already_exists(format!(
+                    "volume id {id} belongs to another name ({:?})",
+                    v.name
+                )));
+            }
+            if !compatible(&v, r.capacity_range.as_ref(), &params) {
+                return Err(Status::already_exists(format!(
+                    "volume {:?} exists with size {} and other parameters than asked",
+                    r.name, v.size
+                )));
+            }
+            return Ok(Response::new(csi::CreateVolumeResponse {
+                volume: Some(Controller::csi_volume(&v)),
+            }));
+        }
+        let nodes = self.nodes()?;
+        let allowed = allowed_nodes(r.accessibility_requirements.as_ref(), &nodes);
+        let req = Controller::scheduler_request(&params, size, allowed);
+        let placed = scheduler::place(
+            &req,
+            &candidates(&nodes),
+            &self.scheduled()?,
+            OVER_PROVISIONING,
+        )
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        let replicas = placed
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| super::model::ReplicaRecord {
+                name: format!("{id}-r{i}"),
+                node: p.node,
+                disk: p.disk,
+                failed_at: None,
+            })
+            .collect::<Vec<_>>();
+        let v = VolumeRecord {
+            id: id.clone(),
+            name: r.name.clone(),
+            size,
+            next_replica: u32::try_from(replicas.len()).unwrap_or(u32::MAX),
+            params,
+            state: VolumeState::Detached,
+            replicas,
+            published_node: None,
+            source: None,
+        };
+        self.store
+            .commit(vec![
+                VOLUMES.put(&id, &v, Expect::Absent),
+                NAMES.put(&r.name, &id, Expect::Absent),
+            ])
+            .map_err(store_status)?;
+        tracing::info!(volume.id = %id, size, replicas = v.replicas.len(), "volume created");
+        Ok(Response::new(csi::CreateVolumeResponse {
+            volume: Some(Controller::csi_volume(&v)),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        r: Request<csi::DeleteVolumeRequest>,
+    ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        let _busy = self.begin(&r.volume_id)?;
+        let Some(cur) = VOLUMES
+            .get(&*self.store, &r.volume_id)
+            .map_err(store_status)?
+        else {
+            return Ok(Response::new(csi::DeleteVolumeResponse {}));
+        };
+        if let Some(n) = &cur.value.published_node {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is published to node {n}; unpublish it first",
+                r.volume_id
+            )));
+        }
+        let name = NAMES
+            .get(&*self.store, &cur.value.name)
+            .map_err(store_status)?;
+        let mut ops = vec![VOLUMES.delete(&r.volume_id, Expect::Version(cur.version))];
+        if let Some(n) = name.filter(|n| n.value == r.volume_id) {
+            ops.push(NAMES.delete(&cur.value.name, Expect::Version(n.version)));
+        }
+        self.store.commit(ops).map_err(store_status)?;
+        tracing::info!(volume.id = %r.volume_id, "volume deleted");
+        Ok(Response::new(csi::DeleteVolumeResponse {}))
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _r: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "PUBLISH_UNPUBLISH_VOLUME is not advertised by this build",
+        ))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _r: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "PUBLISH_UNPUBLISH_VOLUME is not advertised by this build",
+        ))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        r: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        if r.volume_capabilities.is_empty() {
+            return Err(invalid("volume_capabilities must not be empty"));
+        }
+        if self.get_volume(&r.volume_id)?.is_none() {
+            return Err(Status::not_found(format!(
+                "volume {} does not exist",
+                r.volume_id
+            )));
+        }
+        let bad: Vec<String> = r
+            .volume_capabilities
+            .iter()
+            .filter_map(|c| check_capability(c).err())
+            .collect();
+        Ok(Response::new(if bad.is_empty() {
+            csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: r.volume_context,
+                    volume_capabilities: r.volume_capabilities,
+                    parameters: r.parameters,
+                    mutable_parameters: r.mutable_parameters,
+                }),
+                message: String::new(),
+            }
+        } else {
+            csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message: bad.join("; "),
+            }
+        }))
+    }
+
+    async fn list_volumes(
+        &self,
+        r: Request<csi::ListVolumesRequest>,
+    ) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let r = r.into_inner();
+        if r.max_entries < 0 {
+            return Err(invalid("max_entries must not be negative"));
+        }
+        let after = parse_token(&r.starting_token)?;
+        let limit = if r.max_entries == 0 {
+            usize::MAX
+        } else {
+            r.max_entries.unsigned_abs() as usize
+        };
+        // One more than asked tells whether another page follows.
+        let mut page = VOLUMES
+            .list(&*self.store, after, limit.saturating_add(1))
+            .map_err(store_status)?;
+        let next_token = if page.len() > limit {
+            page.truncate(limit);
+            format!("p1:{}", page.last().expect("limit >= 1").0)
+        } else {
+            String::new()
+        };
+        let entries = page
+            .into_iter()
+            .map(|(_, v)| {
+                let v = v.value;
+                csi::list_volumes_response::Entry {
+                    volume: Some(Controller::csi_volume(&v)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids: v.published_node.iter().cloned().collect(),
+                        volume_condition: Some(Controller::condition(&v)),
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(csi::ListVolumesResponse {
+            entries,
+            next_token,
+        }))
+    }
+
+    async fn get_capacity(
+        &self,
+        r: Request<csi::GetCapacityRequest>,
+    ) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let r = r.into_inner();
+        if !r.volume_capabilities.is_empty() {
+            check_capabilities(&r.volume_capabilities)?;
+        }
+        let params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
+        let nodes = self.nodes()?;
+        let allowed = r.accessible_topology.as_ref().map(|t| {
+            nodes
+                .iter()
+                .filter(|n| {
+                    t.segments
+                        .iter()
+                        .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
+                })
+                .map(|n| n.id.clone())
+                .collect::<BTreeSet<_>>()
+        });
+        let largest = largest_placeable(&params, allowed, &nodes, &self.scheduled()?);
+        let bytes = i64::try_from(largest).unwrap_or(i64::MAX);
+        Ok(Response::new(csi::GetCapacityResponse {
+            available_capacity: bytes,
+            maximum_volume_size: Some(bytes),
+            minimum_volume_size: Some(SIZE_STEP as i64),
+        }))
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _r: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        use csi::controller_service_capability::{Rpc as R, Type};
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| csi::ControllerServiceCapability {
+                r#type: Some(Type::Rpc(R { r#type: *t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _r: Request<csi::CreateSnapshotRequest>,
+    ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        Err(not_advertised("CREATE_DELETE_SNAPSHOT"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _r: Request<csi::DeleteSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        Err(not_advertised("CREATE_DELETE_SNAPSHOT"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _r: Request<csi::ListSnapshotsRequest>,
+    ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        Err(not_advertised("LIST_SNAPSHOTS"))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _r: Request<csi::GetSnapshotRequest>,
+    ) -> Result<Response<csi::GetSnapshotResponse>, Status> {
+        Err(not_advertised("GET_SNAPSHOT"))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _r: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        Err(not_advertised("EXPAND_VOLUME"))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        r: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        let v = self
+            .get_volume(&r.volume_id)?
+            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        Ok(Response::new(csi::ControllerGetVolumeResponse {
+            volume: Some(Controller::csi_volume(&v)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids: v.published_node.iter().cloned().collect(),
+                volume_condition: Some(Controller::condition(&v)),
+            }),
+        }))
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _r: Request<csi::ControllerModifyVolumeRequest>,
+    ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
+        Err(not_advertised("MODIFY_VOLUME"))
+    }
+}
+
+fn not_advertised(cap: &str) -> Status {
+    Status::new(
+        Code::Unimplemented,
+        format!("{cap} is not advertised by this build"),
+    )
+}
+
+/// The largest volume with `params` the scheduler could place now: each
+/// replica needs its own node, so it is the room on the N-th roomiest
+/// eligible node (0 when fewer than N qualify).
+fn largest_placeable(
+    params: &VolumeParams,
+    allowed: Option<BTreeSet<String>>,
+    nodes: &[NodeRecord],
+    scheduled: &BTreeMap<(String, String), u64>,
+) -> u64 {
+    let mut rooms: Vec<u64> = nodes
+        .iter()
+        .filter(|n| allowed.as_ref().is_none_or(|a| a.contains(&n.id)))
+        .filter(|n| params.node_selector.is_subset(&n.tags))
+        .filter_map(|n| {
+            n.disks
+                .iter()
+                .filter(|d| params.disk_selector.is_subset(&d.tags))
+                .map(|d| scheduler::room_on(&n.id, d, scheduled, OVER_PROVISIONING))
+                .max()
+        })
+        .collect();
+    rooms.sort_unstable_by(|a, b| b.cmp(a));
+    rooms
+        .get(params.replicas as usize - 1)
+        .map_or(0, |r| r / SIZE_STEP * SIZE_STEP)
+}
+
+#[tonic::async_trait]
+impl mapi::manager_server::Manager for Arc<Controller> {
+    async fn register_node(
+        &self,
+        r: Request<mapi::RegisterNodeRequest>,
+    ) -> Result<Response<mapi::RegisterNodeResponse>, Status> {
+        let r = r.into_inner();
+        if r.node_id.is_empty() {
+            return Err(invalid("node_id must not be empty"));
+        }
+        if r.agent_address.is_empty() {
+            return Err(invalid("agent_address must not be empty"));
+        }
+        let mut paths = BTreeSet::new();
+        for d in &r.disks {
+            if !d.path.starts_with('/') {
+                return Err(invalid(format!("disk path {:?} must be absolute", d.path)));
+            }
+            if d.capacity_bytes == 0 {
+                return Err(invalid(format!("disk {} reports no capacity", d.path)));
+            }
+            if !paths.insert(&d.path) {
+                return Err(invalid(format!("disk {} is listed twice", d.path)));
+            }
+        }
+        let rec = NodeRecord {
+            id: r.node_id.clone(),
+            agent_address: r.agent_address,
+            disks: r
+                .disks
+                .into_iter()
+                .map(|d| Disk {
+                    path: d.path,
+                    capacity: d.capacity_bytes,
+                    tags: d.tags.into_iter().collect(),
+                })
+                .collect(),
+            tags: r.tags.into_iter().collect(),
+            topology: r.topology.into_iter().collect(),
+            max_volumes: r.max_volumes,
+            last_seen: now(),
+        };
+        self.store
+            .commit(vec![NODES.put(&r.node_id, &rec, Expect::Any)])
+            .map_err(store_status)?;
+        tracing::debug!(node.id = %r.node_id, "node registered");
+        Ok(Response::new(mapi::RegisterNodeResponse {}))
+    }
+
+    async fn list_nodes(
+        &self,
+        _r: Request<mapi::ListNodesRequest>,
+    ) -> Result<Response<mapi::ListNodesResponse>, Status> {
+        let nodes_json = self
+            .nodes()?
+            .iter()
+            .map(|n| serde_json::to_string(n).expect("records serialize"))
+            .collect();
+        Ok(Response::new(mapi::ListNodesResponse { nodes_json }))
+    }
+
+    async fn get_volume(
+        &self,
+        r: Request<mapi::GetVolumeRequest>,
+    ) -> Result<Response<mapi::GetVolumeResponse>, Status> {
+        let id = r.into_inner().volume_id;
+        let v = Controller::get_volume(self, &id)?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        Ok(Response::new(mapi::GetVolumeResponse {
+            volume_json: serde_json::to_string(&v).expect("records serialize"),
+        }))
+    }
+}

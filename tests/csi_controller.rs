@@ -1,0 +1,530 @@
+//! The CSI controller as a real process, driven through a CSI client
+//! generated from the same proto over its unix socket (as the
+//! external-provisioner connects), with nodes registered through the
+//! manager API: identity, create/delete idempotency, scheduling, the
+//! error codes the spec names, pagination, capacity, and state that
+//! survives a SIGKILL.
+
+#[path = "cluster/mod.rs"]
+mod cluster;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cluster::{free_addr, Proc};
+use shorthorn::controller::manager_api as mapi;
+use shorthorn::csi;
+use shorthorn::csi::controller_client::ControllerClient;
+use shorthorn::csi::identity_client::IdentityClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const GIB: u64 = 1 << 30;
+
+struct Ctl {
+    _proc: Proc,
+    csi: Channel,
+    manager: mapi::manager_client::ManagerClient<Channel>,
+}
+
+fn start(dir: &Path) -> (Proc, PathBuf, String) {
+    let sock = dir.join("csi.sock");
+    let listen = free_addr();
+    let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+        .args(["controller", "--csi-endpoint"])
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--listen", &listen, "--data-dir"])
+        .arg(dir.join("state"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Proc(child), sock, listen)
+}
+
+async fn connect(dir: &Path) -> Ctl {
+    let (proc, sock, listen) = start(dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let csi = loop {
+        let s = sock.clone();
+        let ch = tonic::transport::Endpoint::from_static("http://csi.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let s = s.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(s).await?,
+                    ))
+                }
+            }))
+            .await;
+        match ch {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("controller socket never answered: {e}"),
+        }
+    };
+    let manager = loop {
+        let ep = Channel::from_shared(format!("http://{listen}")).unwrap();
+        match ep.connect().await {
+            Ok(c) => break mapi::manager_client::ManagerClient::new(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("manager API never answered: {e}"),
+        }
+    };
+    Ctl {
+        _proc: proc,
+        csi,
+        manager,
+    }
+}
+
+impl Ctl {
+    fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.csi.clone())
+    }
+
+    async fn register(&mut self, id: &str, zone: &str, disk_gib: u64) {
+        self.manager
+            .register_node(mapi::RegisterNodeRequest {
+                node_id: id.into(),
+                agent_address: "127.0.0.1:1".into(),
+                disks: vec![mapi::Disk {
+                    path: format!("/var/lib/shorthorn/{id}"),
+                    capacity_bytes: disk_gib * GIB,
+                    tags: vec!["ssd".into()],
+                }],
+                tags: vec![],
+                topology: HashMap::from([(
+                    "topology.kubernetes.io/zone".to_owned(),
+                    zone.to_owned(),
+                )]),
+                max_volumes: 0,
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn record(&mut self, id: &str) -> serde_json::Value {
+        let v = self
+            .manager
+            .get_volume(mapi::GetVolumeRequest {
+                volume_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        serde_json::from_str(&v.volume_json).unwrap()
+    }
+}
+
+fn mount_cap(mode: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: "ext4".into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn rwo() -> csi::VolumeCapability {
+    mount_cap(csi::volume_capability::access_mode::Mode::SingleNodeWriter)
+}
+
+fn create_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![rwo()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+async fn count_volumes(c: &Ctl) -> usize {
+    c.controller()
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .len()
+}
+
+#[tokio::test]
+async fn identity_reports_the_driver_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = connect(dir.path()).await;
+    let mut id = IdentityClient::new(c.csi.clone());
+    let info = id
+        .get_plugin_info(csi::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "driver.shorthorn.io");
+    assert!(!info.vendor_version.is_empty());
+    let caps = id
+        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!caps.capabilities.is_empty());
+    let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+}
+
+#[tokio::test]
+async fn create_schedules_on_distinct_nodes_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path()).await;
+    for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
+        c.register(&format!("node-{i}"), z, 10).await;
+    }
+    let mut ctl = c.controller();
+    let v = ctl
+        .create_volume(create_req("pvc-one", 100 * 1000 * 1000, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, "pvc-one");
+    // Rounded up to whole MiB.
+    assert_eq!(v.capacity_bytes, 96 << 20);
+    let rec = c.record("pvc-one").await;
+    let nodes: BTreeSet<_> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(nodes.len(), 3, "three replicas on three nodes: {rec}");
+
+    // The same request again returns the same volume.
+    let again = ctl
+        .create_volume(create_req("pvc-one", 100 * 1000 * 1000, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(again, v);
+    // Same name, a size the volume cannot satisfy: ALREADY_EXISTS.
+    let e = ctl
+        .create_volume(create_req("pvc-one", 2 * GIB as i64, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+    // Same name, other parameters: ALREADY_EXISTS.
+    let e = ctl
+        .create_volume(create_req("pvc-one", 100, &[("numberOfReplicas", "2")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+
+    // A name that is not a DNS label gets a derived id, stable on repeat.
+    let odd = ctl
+        .create_volume(create_req(
+            "Odd Name/1",
+            1 << 20,
+            &[("numberOfReplicas", "1")],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert!(odd.volume_id.starts_with("v-"), "{}", odd.volume_id);
+
+    // Delete is idempotent, and the name is free again afterwards.
+    for _ in 0..2 {
+        ctl.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: "pvc-one".into(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let e = ctl
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: "pvc-one".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    ctl.create_volume(create_req("pvc-one", 2 * GIB as i64, &[]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_spec_codes_and_change_nothing() {
+    use csi::volume_capability::access_mode::Mode;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path()).await;
+    for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
+        c.register(&format!("node-{i}"), z, 1).await;
+    }
+    let mut ctl = c.controller();
+    let no_caps = csi::CreateVolumeRequest {
+        volume_capabilities: vec![],
+        ..create_req("pvc-x", 1 << 20, &[])
+    };
+    let multi = csi::CreateVolumeRequest {
+        volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter)],
+        ..create_req("pvc-x", 1 << 20, &[])
+    };
+    let btrfs = csi::CreateVolumeRequest {
+        volume_capabilities: vec![csi::VolumeCapability {
+            access_type: Some(csi::volume_capability::AccessType::Mount(
+                csi::volume_capability::MountVolume {
+                    fs_type: "btrfs".into(),
+                    ..Default::default()
+                },
+            )),
+            ..rwo()
+        }],
+        ..create_req("pvc-x", 1 << 20, &[])
+    };
+    let inverted = csi::CreateVolumeRequest {
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: 10 << 20,
+            limit_bytes: 5 << 20,
+        }),
+        ..create_req("pvc-x", 0, &[])
+    };
+    let unaligned_limit = csi::CreateVolumeRequest {
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: (1 << 20) + 1,
+            limit_bytes: (1 << 20) + 1,
+        }),
+        ..create_req("pvc-x", 0, &[])
+    };
+    let cases = [
+        (create_req("", 1 << 20, &[]), Code::InvalidArgument),
+        (no_caps, Code::InvalidArgument),
+        (multi, Code::InvalidArgument),
+        (btrfs, Code::InvalidArgument),
+        (
+            create_req("pvc-x", 1 << 20, &[("numberOfReplicas", "zero")]),
+            Code::InvalidArgument,
+        ),
+        (
+            create_req("pvc-x", 1 << 20, &[("colour", "blue")]),
+            Code::InvalidArgument,
+        ),
+        (inverted, Code::OutOfRange),
+        (unaligned_limit, Code::OutOfRange),
+        // Four replicas need four nodes; three are registered.
+        (
+            create_req("pvc-x", 1 << 20, &[("numberOfReplicas", "4")]),
+            Code::ResourceExhausted,
+        ),
+        // 3 GiB does not fit 1 GiB disks even with 200 % over-provisioning.
+        (
+            create_req("pvc-x", 3 * GIB as i64, &[]),
+            Code::ResourceExhausted,
+        ),
+        (
+            create_req("pvc-x", 1 << 20, &[("diskSelector", "nvme")]),
+            Code::ResourceExhausted,
+        ),
+    ];
+    for (req, code) in cases {
+        let what = format!("{:?} {:?}", req.name, req.parameters);
+        let e = ctl.create_volume(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{what}: {e}");
+        assert!(!e.message().is_empty());
+    }
+    assert_eq!(
+        count_volumes(&c).await,
+        0,
+        "a refused request created nothing"
+    );
+
+    let e = ctl
+        .delete_volume(csi::DeleteVolumeRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // Deleting a volume that never existed succeeds.
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: "pvc-never".into(),
+        secrets: HashMap::new(),
+    })
+    .await
+    .unwrap();
+
+    let validate =
+        |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: caps,
+            ..Default::default()
+        };
+    let e = ctl
+        .validate_volume_capabilities(validate("pvc-never", vec![rwo()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = ctl
+        .validate_volume_capabilities(validate("", vec![rwo()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    ctl.create_volume(create_req("pvc-v", 1 << 20, &[]))
+        .await
+        .unwrap();
+    let e = ctl
+        .validate_volume_capabilities(validate("pvc-v", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let ok = ctl
+        .validate_volume_capabilities(validate("pvc-v", vec![rwo()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+    let no = ctl
+        .validate_volume_capabilities(validate(
+            "pvc-v",
+            vec![mount_cap(Mode::MultiNodeMultiWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        no.confirmed.is_none() && no.message.contains("one node"),
+        "{no:?}"
+    );
+
+    let e = c
+        .manager
+        .register_node(mapi::RegisterNodeRequest {
+            node_id: "n".into(),
+            agent_address: "127.0.0.1:1".into(),
+            disks: vec![mapi::Disk {
+                path: "relative".into(),
+                capacity_bytes: 1,
+                tags: vec![],
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn list_pages_capacity_and_state_that_survives_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path()).await;
+    for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
+        c.register(&format!("node-{i}"), z, 10).await;
+    }
+    let mut ctl = c.controller();
+    // 3 nodes x 10 GiB x 200 % over-provisioning.
+    let cap = |params: &[(&str, &str)]| csi::GetCapacityRequest {
+        parameters: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    };
+    let before = ctl.get_capacity(cap(&[])).await.unwrap().into_inner();
+    assert_eq!(before.available_capacity, 20 * GIB as i64);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let v = ctl
+            .create_volume(create_req(&format!("pvc-{i}"), GIB as i64, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        ids.push(v.volume_id);
+    }
+    let after = ctl.get_capacity(cap(&[])).await.unwrap().into_inner();
+    assert_eq!(after.available_capacity, 15 * GIB as i64);
+    let four = ctl
+        .get_capacity(cap(&[("numberOfReplicas", "4")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        four.available_capacity, 0,
+        "four replicas cannot be placed on three nodes"
+    );
+
+    // Pages of two cover every volume once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ctl
+            .list_volumes(csi::ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen, ids);
+    let e = ctl
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: 0,
+            starting_token: "bogus".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    let e = ctl
+        .list_volumes(csi::ListVolumesRequest {
+            max_entries: -1,
+            starting_token: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    // SIGKILL the controller: every acknowledged volume is there after a
+    // restart, and a repeated create still finds its volume.
+    drop(ctl);
+    drop(c);
+    let c = connect(dir.path()).await;
+    assert_eq!(count_volumes(&c).await, 5);
+    let mut ctl = c.controller();
+    let v = ctl
+        .create_volume(create_req("pvc-3", GIB as i64, &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, "pvc-3");
+    assert_eq!(count_volumes(&c).await, 5);
+}
