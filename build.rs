@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/engine.proto",
         "proto/manager.proto",
+        "proto/agent.proto",
         "proto/csi.proto",
     ];
     for p in protos {

@@ -2,6 +2,57 @@
 //! generated from `proto/csi.proto` at build time. Shared by the
 //! controller and node plugins and by tests' CSI clients.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+mod generated {
+    tonic::include_proto!("csi.v1");
+}
+pub use generated::*;
 
-tonic::include_proto!("csi.v1");
+/// The CSI driver name (the StorageClass `provisioner`).
+pub const DRIVER_NAME: &str = "driver.shorthorn.io";
+
+/// This driver's name and version, as both plugins report them.
+pub fn plugin_info() -> GetPluginInfoResponse {
+    GetPluginInfoResponse {
+        name: DRIVER_NAME.to_owned(),
+        vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
+        manifest: std::collections::HashMap::new(),
+    }
+}
+
+/// A GetPluginCapabilities answer listing `services`.
+pub fn plugin_services(
+    services: &[plugin_capability::service::Type],
+) -> GetPluginCapabilitiesResponse {
+    use plugin_capability::{Service, Type};
+    GetPluginCapabilitiesResponse {
+        capabilities: services
+            .iter()
+            .map(|t| PluginCapability {
+                r#type: Some(Type::Service(Service { r#type: *t as i32 })),
+            })
+            .collect(),
+    }
+}
+
+/// The socket path of a `unix:///absolute/path` CSI endpoint.
+pub fn unix_endpoint(endpoint: &str) -> Option<std::path::PathBuf> {
+    endpoint
+        .strip_prefix("unix://")
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_absolute())
+}
+
+/// Binds a unix socket at `path` (creating its directory), replacing a
+/// stale socket file a killed process left behind.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::net::UnixListener::bind(path)
+}

@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod controller;
 pub mod csi;
 pub mod engine;

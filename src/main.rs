@@ -53,6 +53,38 @@ enum Mode {
     EngineCtl(EngineCtlArgs),
     /// Serve the CSI Identity and Controller services and the manager API.
     Controller(ControllerArgs),
+    /// Serve one node: CSI Identity and Node, the agent API, its instances.
+    Node(NodeArgs),
+}
+
+#[derive(Parser, Debug)]
+struct NodeArgs {
+    /// CSI node id (unique in the cluster; usually the Kubernetes node name).
+    #[arg(long, env = "SHORTHORN_NODE_ID")]
+    node_id: String,
+    /// CSI endpoint, unix:///absolute/path.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    csi_endpoint: String,
+    /// ip:port of this node's agent API; replicas listen on the same IP.
+    #[arg(long, env = "SHORTHORN_AGENT_LISTEN")]
+    agent_listen: std::net::SocketAddr,
+    /// host:port of the controller's manager API.
+    #[arg(long, env = "SHORTHORN_CONTROLLER")]
+    controller: String,
+    /// A disk for replicas: PATH, PATH:tag,tag, optionally =SIZE to cap
+    /// what may be scheduled there (default: the filesystem's size). Repeat
+    /// for more disks.
+    #[arg(long = "disk", required = true)]
+    disks: Vec<shorthorn::node::DiskSpec>,
+    /// Tags a StorageClass nodeSelector matches (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// This node's zone (topology.kubernetes.io/zone).
+    #[arg(long, env = "SHORTHORN_ZONE")]
+    zone: Option<String>,
+    /// Volumes this node may have attached at once; 0 means no limit.
+    #[arg(long, default_value_t = 0)]
+    max_volumes: u32,
 }
 
 #[derive(Parser, Debug)]
@@ -336,6 +368,10 @@ fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
                 c.downcast_ref::<shorthorn::controller::Error>()
                     .map(shorthorn::controller::Error::kind)
             })
+            .or_else(|| {
+                c.downcast_ref::<shorthorn::node::Error>()
+                    .map(shorthorn::node::Error::kind)
+            })
             .or_else(|| c.downcast_ref::<Remote>().and_then(|r| r.kind))
             .or_else(|| {
                 c.downcast_ref::<tonic::transport::Error>()
@@ -353,6 +389,7 @@ fn run(cli: Cli) -> Result<()> {
         Mode::Replica(_) => "sh-replica",
         Mode::Engine(_) => "sh-engine",
         Mode::Controller(_) => "sh-controller",
+        Mode::Node(_) => "sh-node",
         Mode::ReplicaCtl(_) | Mode::EngineCtl(_) => "sh-ctl",
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -367,6 +404,7 @@ fn run(cli: Cli) -> Result<()> {
             Mode::Engine(a) => run_engine(a).await,
             Mode::EngineCtl(a) => run_engine_ctl(a).await,
             Mode::Controller(a) => run_controller(a).await,
+            Mode::Node(a) => run_node(a).await,
         }
     })
 }
@@ -389,6 +427,22 @@ async fn terminated() {
 async fn run_controller(a: ControllerArgs) -> Result<()> {
     let socket = shorthorn::controller::unix_endpoint(&a.csi_endpoint)?;
     shorthorn::controller::run(&socket, a.listen, &a.data_dir, terminated()).await?;
+    Ok(())
+}
+
+async fn run_node(a: NodeArgs) -> Result<()> {
+    let socket = shorthorn::csi::unix_endpoint(&a.csi_endpoint)
+        .ok_or_else(|| shorthorn::controller::Error::Endpoint(a.csi_endpoint.clone()))?;
+    let cfg = shorthorn::node::Config {
+        node_id: a.node_id,
+        agent_listen: a.agent_listen,
+        controller: a.controller,
+        disks: a.disks,
+        tags: a.tags,
+        zone: a.zone,
+        max_volumes: a.max_volumes,
+    };
+    shorthorn::node::run(cfg, &socket, terminated()).await?;
     Ok(())
 }
 

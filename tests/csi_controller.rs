@@ -8,13 +8,14 @@
 #[path = "cluster/mod.rs"]
 mod cluster;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster::{free_addr, Proc};
-use shorthorn::controller::manager_api as mapi;
+use shorthorn::api::manager as mapi;
 use shorthorn::csi;
 use shorthorn::csi::controller_client::ControllerClient;
 use shorthorn::csi::identity_client::IdentityClient;
@@ -27,6 +28,30 @@ struct Ctl {
     _proc: Proc,
     csi: Channel,
     manager: mapi::manager_client::ManagerClient<Channel>,
+    manager_addr: String,
+    nodes: Vec<NodeProc>,
+}
+
+/// A node process with its own loopback address and disk.
+struct NodeProc {
+    proc: Proc,
+    disk: PathBuf,
+}
+
+impl Drop for NodeProc {
+    /// SIGTERM, so the node stops its replica processes before it exits
+    /// (a SIGKILLed node leaves them running, by design: see the node's
+    /// module docs).
+    fn drop(&mut self) {
+        cluster::signal(&self.proc.0, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proc.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn start(dir: &Path) -> (Proc, PathBuf, String) {
@@ -80,6 +105,8 @@ async fn connect(dir: &Path) -> Ctl {
         _proc: proc,
         csi,
         manager,
+        manager_addr: listen,
+        nodes: Vec::new(),
     }
 }
 
@@ -88,25 +115,69 @@ impl Ctl {
         ControllerClient::new(self.csi.clone())
     }
 
-    async fn register(&mut self, id: &str, zone: &str, disk_gib: u64) {
-        self.manager
-            .register_node(mapi::RegisterNodeRequest {
-                node_id: id.into(),
-                agent_address: "127.0.0.1:1".into(),
-                disks: vec![mapi::Disk {
-                    path: format!("/var/lib/shorthorn/{id}"),
-                    capacity_bytes: disk_gib * GIB,
-                    tags: vec!["ssd".into()],
-                }],
-                tags: vec![],
-                topology: HashMap::from([(
-                    "topology.kubernetes.io/zone".to_owned(),
-                    zone.to_owned(),
-                )]),
-                max_volumes: 0,
-            })
-            .await
+    /// Starts node `i` (address 127.0.0.(i+2), zone `zone`, one disk
+    /// capped at `disk_gib`) and waits until the controller knows it.
+    async fn add_node(&mut self, root: &Path, i: usize, zone: &str, disk_gib: u64) {
+        let disk = root.join(format!("node-{i}-disk"));
+        std::fs::create_dir_all(&disk).unwrap();
+        let port = free_addr().rsplit_once(':').unwrap().1.to_owned();
+        let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+            .args(["node", "--node-id", &format!("node-{i}"), "--csi-endpoint"])
+            .arg(format!(
+                "unix://{}",
+                root.join(format!("node-{i}.sock")).display()
+            ))
+            .args(["--agent-listen", &format!("127.0.0.{}:{port}", i + 2)])
+            .args(["--controller", &self.manager_addr, "--zone", zone, "--disk"])
+            .arg(format!("{}:ssd={disk_gib}Gi", disk.display()))
+            .stdout(Stdio::null())
+            .spawn()
             .unwrap();
+        self.nodes.push(NodeProc {
+            proc: Proc(child),
+            disk,
+        });
+        let want = self.nodes.len();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = self
+                .manager
+                .list_nodes(mapi::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes_json
+                .len();
+            if n >= want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{i} never registered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Three nodes in zones z1..z3 with `disk_gib` GiB disks.
+    async fn add_three(&mut self, root: &Path, disk_gib: u64) {
+        for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
+            self.add_node(root, i, z, disk_gib).await;
+        }
+    }
+
+    /// Replica directories of volume `id` on every node's disk.
+    fn replica_dirs(&self, id: &str) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for n in &self.nodes {
+            if let Ok(rd) = std::fs::read_dir(n.disk.join("replicas")) {
+                for e in rd {
+                    let p = e.unwrap().path();
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    if name.starts_with(&format!("{id}-r")) {
+                        v.push(p);
+                    }
+                }
+            }
+        }
+        v
     }
 
     async fn record(&mut self, id: &str) -> serde_json::Value {
@@ -191,9 +262,7 @@ async fn identity_reports_the_driver_and_readiness() {
 async fn create_schedules_on_distinct_nodes_and_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = connect(dir.path()).await;
-    for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
-        c.register(&format!("node-{i}"), z, 10).await;
-    }
+    c.add_three(dir.path(), 10).await;
     let mut ctl = c.controller();
     let v = ctl
         .create_volume(create_req("pvc-one", 100 * 1000 * 1000, &[]))
@@ -213,6 +282,19 @@ async fn create_schedules_on_distinct_nodes_and_is_idempotent() {
         .map(|r| r["node"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(nodes.len(), 3, "three replicas on three nodes: {rec}");
+    assert_eq!(rec["state"], "detached", "{rec}");
+    // Each replica exists on its node's disk and its process serves.
+    assert_eq!(c.replica_dirs("pvc-one").len(), 3);
+    for r in rec["replicas"].as_array().unwrap() {
+        let addr = r["address"].as_str().unwrap();
+        let node = r["node"].as_str().unwrap();
+        let i: u8 = node.trim_start_matches("node-").parse().unwrap();
+        assert!(
+            addr.starts_with(&format!("127.0.0.{}:", i + 2)),
+            "{addr} on {node}"
+        );
+        tokio::net::TcpStream::connect(addr).await.unwrap();
+    }
 
     // The same request again returns the same volume.
     let again = ctl
@@ -266,6 +348,10 @@ async fn create_schedules_on_distinct_nodes_and_is_idempotent() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        c.replica_dirs("pvc-one").is_empty(),
+        "replica directories gone"
+    );
     ctl.create_volume(create_req("pvc-one", 2 * GIB as i64, &[]))
         .await
         .unwrap();
@@ -276,9 +362,7 @@ async fn bad_requests_get_the_spec_codes_and_change_nothing() {
     use csi::volume_capability::access_mode::Mode;
     let dir = tempfile::tempdir().unwrap();
     let mut c = connect(dir.path()).await;
-    for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
-        c.register(&format!("node-{i}"), z, 1).await;
-    }
+    c.add_three(dir.path(), 1).await;
     let mut ctl = c.controller();
     let no_caps = csi::CreateVolumeRequest {
         volume_capabilities: vec![],
@@ -433,9 +517,7 @@ async fn bad_requests_get_the_spec_codes_and_change_nothing() {
 async fn list_pages_capacity_and_state_that_survives_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = connect(dir.path()).await;
-    for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
-        c.register(&format!("node-{i}"), z, 10).await;
-    }
+    c.add_three(dir.path(), 10).await;
     let mut ctl = c.controller();
     // 3 nodes x 10 GiB x 200 % over-provisioning.
     let cap = |params: &[(&str, &str)]| csi::GetCapacityRequest {
@@ -527,4 +609,101 @@ async fn list_pages_capacity_and_state_that_survives_a_kill() {
         .unwrap();
     assert_eq!(v.volume_id, "pvc-3");
     assert_eq!(count_volumes(&c).await, 5);
+}
+
+#[tokio::test]
+async fn the_node_agent_creates_idempotently_and_refuses_bad_requests() {
+    use shorthorn::api::agent;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path()).await;
+    c.add_node(dir.path(), 0, "z1", 10).await;
+    let nodes = c
+        .manager
+        .list_nodes(mapi::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes_json;
+    let rec: serde_json::Value = serde_json::from_str(&nodes[0]).unwrap();
+    assert_eq!(
+        rec["disks"][0]["capacity"],
+        10 * GIB,
+        "the =SIZE cap is reported"
+    );
+    let addr = rec["agent_address"].as_str().unwrap();
+    let ch = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut a = agent::agent_client::AgentClient::new(ch);
+    let disk = c.nodes[0].disk.display().to_string();
+    let req = |vol: &str, name: &str, disk: &str, size: u64| agent::CreateReplicaRequest {
+        volume_id: vol.into(),
+        replica_name: name.into(),
+        disk_path: disk.into(),
+        size_bytes: size,
+    };
+    let first = a
+        .create_replica(req("vol-a", "r0", &disk, 1 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = a
+        .create_replica(req("vol-a", "r0", &disk, 1 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.address, again.address,
+        "a repeated create finds the running replica"
+    );
+    for (r, code) in [
+        (req("vol-a", "r0", &disk, 2 << 20), Code::AlreadyExists),
+        (req("../etc", "r0", &disk, 1 << 20), Code::InvalidArgument),
+        (req("vol-a", "R0", &disk, 1 << 20), Code::InvalidArgument),
+        (req("vol-a", "r1", "/elsewhere", 1 << 20), Code::NotFound),
+        (req("vol-a", "r1", &disk, 1000), Code::InvalidArgument),
+    ] {
+        let e = a.create_replica(r).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e}");
+    }
+    // A replica process that dies is restarted on the same address.
+    let listed = a
+        .list_instances(agent::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].running);
+    let out = Command::new("pkill")
+        .args(["-KILL", "-f", &format!("replica --dir {}", listed[0].path)])
+        .status()
+        .unwrap();
+    assert!(out.success(), "the replica process was found and killed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tokio::net::TcpStream::connect(&first.address).await.is_ok() {
+            let l = a
+                .list_instances(agent::ListInstancesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .instances;
+            if l[0].running {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the replica was not restarted");
+    }
+    let del = || agent::DeleteReplicaRequest {
+        volume_id: "vol-a".into(),
+        replica_name: "r0".into(),
+        disk_path: disk.clone(),
+    };
+    a.delete_replica(del()).await.unwrap();
+    a.delete_replica(del()).await.unwrap();
+    assert!(!Path::new(&listed[0].path).exists());
 }

@@ -25,12 +25,11 @@ use std::sync::Arc;
 use crate::csi;
 use crate::store::{Db, Store};
 
-/// The manager API's messages and services, generated from
-/// `proto/manager.proto`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod manager_api {
-    tonic::include_proto!("shorthorn.manager.v1");
-}
+use crate::api::manager as manager_api;
+
+/// How long in-flight calls may finish once the controller is told to
+/// stop.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What can stop the controller from serving.
 #[derive(Debug, thiserror::Error)]
@@ -64,29 +63,7 @@ impl Error {
 
 /// The socket path of a `unix://` CSI endpoint.
 pub fn unix_endpoint(endpoint: &str) -> Result<PathBuf, Error> {
-    endpoint
-        .strip_prefix("unix://")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .ok_or_else(|| Error::Endpoint(endpoint.to_owned()))
-}
-
-/// Binds a unix socket at `path`, replacing a stale socket file a killed
-/// process left behind.
-pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
-    let fail = |e: std::io::Error| Error::Serve {
-        what: format!("CSI socket {}", path.display()),
-        cause: e.to_string(),
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail(e)),
-    }
-    tokio::net::UnixListener::bind(path).map_err(fail)
+    csi::unix_endpoint(endpoint).ok_or_else(|| Error::Endpoint(endpoint.to_owned()))
 }
 
 /// Runs the controller: CSI Identity + Controller on `csi_socket`, the
@@ -104,7 +81,10 @@ pub async fn run(
     })?;
     let store: Arc<dyn Store> = Arc::new(Db::open(&data_dir.join("state.redb"))?);
     let ctl = Arc::new(service::Controller::new(store));
-    let uds = bind_unix(csi_socket)?;
+    let uds = csi::bind_unix(csi_socket).map_err(|e| Error::Serve {
+        what: format!("CSI socket {}", csi_socket.display()),
+        cause: e.to_string(),
+    })?;
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::Serve {
@@ -131,9 +111,18 @@ pub async fn run(
         .add_service(manager_api::manager_server::ManagerServer::new(ctl))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(tcp),
-            stopped(stop_rx),
+            stopped(stop_rx.clone()),
         );
-    let (a, b) = tokio::join!(csi_server, manager_server);
+    // Clients (the CSI sidecars, node agents) keep connections open; past
+    // a short grace the servers stop without waiting for them.
+    let servers = async { tokio::join!(csi_server, manager_server) };
+    let (a, b) = tokio::select! {
+        r = servers => r,
+        () = async {
+            stopped(stop_rx).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => (Ok(()), Ok(())),
+    };
     for (what, r) in [("CSI", a), ("manager", b)] {
         r.map_err(|e| Error::Serve {
             what: format!("{what} server"),

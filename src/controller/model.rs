@@ -44,6 +44,9 @@ pub struct ReplicaRecord {
     pub node: String,
     /// The disk's path on that node.
     pub disk: String,
+    /// host:port its process serves on, once the node started it.
+    #[serde(default)]
+    pub address: Option<String>,
     /// Unix seconds when it was seen failed, if it is; a replica failed
     /// longer than the volume's stale timeout is replaced.
     #[serde(default)]

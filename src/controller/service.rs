@@ -24,15 +24,13 @@ use crate::csi::controller_service_capability::rpc::Type as Rpc;
 use crate::csi::volume_capability::access_mode::Mode;
 use crate::store::{self, Expect, Store};
 
-use super::manager_api as mapi;
 use super::model::{
     volume_id, NodeRecord, VolumeRecord, VolumeState, NAMES, NODES, VOLUMES, ZONE_KEY,
 };
 use super::params::{FsType, VolumeParams};
 use super::scheduler::{self, Candidate, Disk};
-
-/// The CSI driver name.
-pub const DRIVER_NAME: &str = "driver.shorthorn.io";
+use crate::api::{agent, manager as mapi};
+use tonic::transport::Channel;
 
 /// Volume sizes are whole MiB (the engine needs 4 KiB multiples; MiB keeps
 /// sizes readable).
@@ -271,6 +269,58 @@ impl Controller {
         }
     }
 
+    /// A client for `node`'s agent.
+    async fn agent(&self, node: &str) -> Result<agent::agent_client::AgentClient<Channel>, Status> {
+        let rec = NODES
+            .get(&*self.store, node)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::unavailable(format!("node {node} is not registered")))?
+            .value;
+        let ch = Channel::from_shared(format!("http://{}", rec.agent_address))
+            .map_err(|e| Status::internal(format!("node {node} agent address: {e}")))?
+            .connect_timeout(AGENT_CONNECT_TIMEOUT)
+            .timeout(AGENT_CALL_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "node {node}: agent at {} unreachable: {e}",
+                    rec.agent_address
+                ))
+            })?;
+        Ok(agent::agent_client::AgentClient::new(ch))
+    }
+
+    /// Asks each replica's node to create it, records where they serve,
+    /// and marks the volume detached (ready). Any failure leaves the
+    /// volume `Creating` for a retry to resume.
+    async fn realize(&self, mut v: VolumeRecord, version: u64) -> Result<VolumeRecord, Status> {
+        let creations = v.replicas.iter().map(|rep| {
+            let (id, size) = (v.id.clone(), v.size);
+            async move {
+                let mut a = self.agent(&rep.node).await?;
+                a.create_replica(agent::CreateReplicaRequest {
+                    volume_id: id,
+                    replica_name: rep.name.clone(),
+                    disk_path: rep.disk.clone(),
+                    size_bytes: size,
+                })
+                .await
+                .map(|r| r.into_inner().address)
+                .map_err(|e| agent_failed(&rep.node, &e))
+            }
+        });
+        let results = futures_util::future::join_all(creations).await;
+        for (rep, res) in v.replicas.iter_mut().zip(results) {
+            rep.address = Some(res?);
+        }
+        v.state = VolumeState::Detached;
+        self.store
+            .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
+            .map_err(store_status)?;
+        Ok(v)
+    }
+
     fn scheduler_request(
         p: &VolumeParams,
         size: u64,
@@ -321,23 +371,18 @@ impl csi::identity_server::Identity for Arc<Controller> {
         &self,
         _r: Request<csi::GetPluginInfoRequest>,
     ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
-        Ok(Response::new(plugin_info()))
+        Ok(Response::new(csi::plugin_info()))
     }
 
     async fn get_plugin_capabilities(
         &self,
         _r: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        use csi::plugin_capability::{service::Type as S, Service, Type};
-        let caps = [S::ControllerService, S::VolumeAccessibilityConstraints]
-            .into_iter()
-            .map(|t| csi::PluginCapability {
-                r#type: Some(Type::Service(Service { r#type: t as i32 })),
-            })
-            .collect();
-        Ok(Response::new(csi::GetPluginCapabilitiesResponse {
-            capabilities: caps,
-        }))
+        use csi::plugin_capability::service::Type as S;
+        Ok(Response::new(csi::plugin_services(&[
+            S::ControllerService,
+            S::VolumeAccessibilityConstraints,
+        ])))
     }
 
     async fn probe(
@@ -347,15 +392,6 @@ impl csi::identity_server::Identity for Arc<Controller> {
         // Ready when the store answers a read.
         let ready = self.store.list(store::Kind::Node, None, 1).is_ok();
         Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
-    }
-}
-
-/// This driver's name and version.
-pub fn plugin_info() -> csi::GetPluginInfoResponse {
-    csi::GetPluginInfoResponse {
-        name: DRIVER_NAME.to_owned(),
-        vendor_version: env!("CARGO_PKG_VERSION").to_owned(),
-        manifest: HashMap::new(),
     }
 }
 
@@ -395,6 +431,15 @@ impl csi::controller_server::Controller for Arc<Controller> {
                     r.name, v.size
                 )));
             }
+            let v = if v.state == VolumeState::Creating {
+                let version = VOLUMES
+                    .get(&*self.store, &id)
+                    .map_err(store_status)?
+                    .map_or(0, |x| x.version);
+                self.realize(v, version).await?
+            } else {
+                v
+            };
             return Ok(Response::new(csi::CreateVolumeResponse {
                 volume: Some(Controller::csi_volume(&v)),
             }));
@@ -413,9 +458,10 @@ impl csi::controller_server::Controller for Arc<Controller> {
             .into_iter()
             .enumerate()
             .map(|(i, p)| super::model::ReplicaRecord {
-                name: format!("{id}-r{i}"),
+                name: format!("r{i}"),
                 node: p.node,
                 disk: p.disk,
+                address: None,
                 failed_at: None,
             })
             .collect::<Vec<_>>();
@@ -425,17 +471,22 @@ impl csi::controller_server::Controller for Arc<Controller> {
             size,
             next_replica: u32::try_from(replicas.len()).unwrap_or(u32::MAX),
             params,
-            state: VolumeState::Detached,
+            state: VolumeState::Creating,
             replicas,
             published_node: None,
             source: None,
         };
-        self.store
+        // The placement is recorded before any node acts on it, so a crash
+        // or a failed node leaves a record a retry resumes, never replicas
+        // nobody knows of.
+        let version = self
+            .store
             .commit(vec![
                 VOLUMES.put(&id, &v, Expect::Absent),
                 NAMES.put(&r.name, &id, Expect::Absent),
             ])
             .map_err(store_status)?;
+        let v = self.realize(v, version).await?;
         tracing::info!(volume.id = %id, size, replicas = v.replicas.len(), "volume created");
         Ok(Response::new(csi::CreateVolumeResponse {
             volume: Some(Controller::csi_volume(&v)),
@@ -463,6 +514,42 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 r.volume_id
             )));
         }
+        // Deleting is recorded first, so a retry after a failure here
+        // finishes the job instead of resurrecting the volume.
+        let mut rec = cur.value.clone();
+        let mut version = cur.version;
+        if rec.state != VolumeState::Deleting {
+            rec.state = VolumeState::Deleting;
+            version = self
+                .store
+                .commit(vec![VOLUMES.put(
+                    &r.volume_id,
+                    &rec,
+                    Expect::Version(version),
+                )])
+                .map_err(store_status)?;
+        }
+        let deletions = rec.replicas.iter().map(|rep| {
+            let id = rec.id.clone();
+            async move {
+                let mut a = self.agent(&rep.node).await?;
+                a.delete_replica(agent::DeleteReplicaRequest {
+                    volume_id: id,
+                    replica_name: rep.name.clone(),
+                    disk_path: rep.disk.clone(),
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| agent_failed(&rep.node, &e))
+            }
+        });
+        for res in futures_util::future::join_all(deletions).await {
+            res?;
+        }
+        let cur = crate::store::Versioned {
+            version,
+            value: rec,
+        };
         let name = NAMES
             .get(&*self.store, &cur.value.name)
             .map_err(store_status)?;
@@ -683,6 +770,17 @@ impl csi::controller_server::Controller for Arc<Controller> {
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         Err(not_advertised("MODIFY_VOLUME"))
     }
+}
+
+/// How long the controller waits to reach a node's agent.
+const AGENT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one agent call may take (starting a replica process included).
+const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An agent's refusal or failure, naming the node; its code passes
+/// through (a node's INVALID_ARGUMENT is still the caller's).
+fn agent_failed(node: &str, e: &Status) -> Status {
+    Status::new(e.code(), format!("node {node}: {}", e.message()))
 }
 
 fn not_advertised(cap: &str) -> Status {

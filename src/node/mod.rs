@@ -1,6 +1,439 @@
-//! `node` will own one machine's share of the work: the CSI Node service
-//! (stage, publish, format, mount) and the instance manager that runs this
-//! node's replica and engine processes (issue 5).
+//! `node` owns one machine's share of the work: the instance manager that
+//! runs this node's replica processes ([`instances`]), the agent API the
+//! controller drives it through (`proto/agent.proto`), the heartbeat that
+//! registers the node and its disks with the controller, and the CSI
+//! Identity and Node services.
+//!
+//! Status (issue 5, in progress): replicas are created, supervised and
+//! deleted on the controller's request; CSI NodeGetInfo answers. Engines,
+//! NodeStage/Publish (attach, format, mount) come next, and so does
+//! adopting instances after a restart: a node stopped with SIGTERM stops
+//! its replicas, but a SIGKILLed one leaves them running (so volumes keep
+//! serving), and today a restarted node does not find them again.
 //!
 //! It starts replicas and engines as separate processes of this binary and
 //! must not import `crate::controller` (enforced by `tests/layering.rs`).
+
+pub mod instances;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use crate::api::{agent, manager};
+use crate::csi;
+use instances::Instances;
+
+/// How long in-flight calls may finish once the node is told to stop.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// How often the node re-registers with the controller.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// A disk this node offers, with the tags a `diskSelector` matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Absolute path of the directory replicas go under.
+    pub path: PathBuf,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Bytes the scheduler may count on; `None` means the filesystem's
+    /// size.
+    pub capacity: Option<u64>,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+
+    /// `PATH`, `PATH:tag,tag`, either followed by `=SIZE`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "PATH, PATH:tag,tag, optionally followed by =SIZE";
+        let (rest, capacity) = match s.rsplit_once('=') {
+            Some((r, size)) => (
+                r,
+                Some(
+                    crate::units::parse_size(size)
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            format!("disk {s:?}: size {size:?} is not a size like 100Gi ({usage})")
+                        })?,
+                ),
+            ),
+            None => (s, None),
+        };
+        let (path, tags) = rest.split_once(':').unwrap_or((rest, ""));
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!("disk {s:?}: the path must be absolute ({usage})"));
+        }
+        Ok(Self {
+            path,
+            tags: tags
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            capacity,
+        })
+    }
+}
+
+/// What a node is started with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The CSI node id.
+    pub node_id: String,
+    /// Where the agent API listens (its IP is also where replicas listen).
+    pub agent_listen: SocketAddr,
+    /// The controller's manager API, host:port.
+    pub controller: String,
+    /// Disks replicas may use.
+    pub disks: Vec<DiskSpec>,
+    /// Tags a `nodeSelector` matches.
+    pub tags: Vec<String>,
+    /// The node's zone, if any.
+    pub zone: Option<String>,
+    /// Volumes this node may have attached at once (0: no limit).
+    pub max_volumes: u32,
+}
+
+/// What can stop the node from serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket or directory cannot be set up or served.
+    #[error("{what}: {cause}")]
+    Serve {
+        /// Which.
+        what: String,
+        /// Why.
+        cause: String,
+    },
+}
+
+impl Error {
+    /// The kind the CLI maps to an exit status.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Unavailable
+    }
+}
+
+fn serve_err(what: impl Into<String>) -> impl FnOnce(String) -> Error {
+    let what = what.into();
+    move |cause| Error::Serve { what, cause }
+}
+
+/// The agent and CSI services of one node.
+#[derive(Debug)]
+pub struct Node {
+    cfg: Config,
+    instances: Instances,
+}
+
+fn status(e: &instances::Error) -> Status {
+    Status::new(e.kind().grpc_code(), e.to_string())
+}
+
+impl Node {
+    /// The topology this node reports: its id, and its zone when set.
+    fn topology(&self) -> HashMap<String, String> {
+        let mut t = HashMap::from([("shorthorn.io/node".to_owned(), self.cfg.node_id.clone())]);
+        if let Some(z) = &self.cfg.zone {
+            t.insert("topology.kubernetes.io/zone".to_owned(), z.clone());
+        }
+        t
+    }
+
+    fn registration(&self) -> manager::RegisterNodeRequest {
+        manager::RegisterNodeRequest {
+            node_id: self.cfg.node_id.clone(),
+            agent_address: self.cfg.agent_listen.to_string(),
+            disks: self
+                .cfg
+                .disks
+                .iter()
+                .map(|d| manager::Disk {
+                    path: d.path.display().to_string(),
+                    capacity_bytes: d.capacity.unwrap_or_else(|| {
+                        nix::sys::statvfs::statvfs(&d.path)
+                            .map_or(0, |s| s.blocks() * s.fragment_size())
+                    }),
+                    tags: d.tags.clone(),
+                })
+                .collect(),
+            tags: self.cfg.tags.clone(),
+            topology: self.topology(),
+            max_volumes: self.cfg.max_volumes,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl agent::agent_server::Agent for Arc<Node> {
+    async fn create_replica(
+        &self,
+        r: Request<agent::CreateReplicaRequest>,
+    ) -> Result<Response<agent::CreateReplicaResponse>, Status> {
+        let r = r.into_inner();
+        if r.size_bytes == 0 || r.size_bytes % 4096 != 0 {
+            return Err(Status::invalid_argument(format!(
+                "size_bytes {} must be a positive multiple of 4096",
+                r.size_bytes
+            )));
+        }
+        let address = self
+            .instances
+            .create_replica(&r.volume_id, &r.replica_name, &r.disk_path, r.size_bytes)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::CreateReplicaResponse { address }))
+    }
+
+    async fn delete_replica(
+        &self,
+        r: Request<agent::DeleteReplicaRequest>,
+    ) -> Result<Response<agent::DeleteReplicaResponse>, Status> {
+        let r = r.into_inner();
+        self.instances
+            .delete_replica(&r.volume_id, &r.replica_name, &r.disk_path)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::DeleteReplicaResponse {}))
+    }
+
+    async fn list_instances(
+        &self,
+        _r: Request<agent::ListInstancesRequest>,
+    ) -> Result<Response<agent::ListInstancesResponse>, Status> {
+        let instances = self
+            .instances
+            .list()
+            .into_iter()
+            .map(|i| agent::Instance {
+                kind: "replica".into(),
+                volume_id: i.volume,
+                name: i.name,
+                address: i.addr,
+                running: i.running,
+                path: i.dir.display().to_string(),
+            })
+            .collect();
+        Ok(Response::new(agent::ListInstancesResponse { instances }))
+    }
+}
+
+#[tonic::async_trait]
+impl csi::identity_server::Identity for Arc<Node> {
+    async fn get_plugin_info(
+        &self,
+        _r: Request<csi::GetPluginInfoRequest>,
+    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(csi::plugin_info()))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _r: Request<csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
+        use csi::plugin_capability::service::Type as S;
+        Ok(Response::new(csi::plugin_services(&[
+            S::VolumeAccessibilityConstraints,
+        ])))
+    }
+
+    async fn probe(
+        &self,
+        _r: Request<csi::ProbeRequest>,
+    ) -> Result<Response<csi::ProbeResponse>, Status> {
+        Ok(Response::new(csi::ProbeResponse { ready: Some(true) }))
+    }
+}
+
+fn not_yet(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not implemented by this build (no such node capability is advertised)"
+    ))
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for Arc<Node> {
+    async fn node_stage_volume(
+        &self,
+        _r: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        Err(not_yet("NodeStageVolume"))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _r: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        Err(not_yet("NodeUnstageVolume"))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        _r: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        Err(not_yet("NodePublishVolume"))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        _r: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        Err(not_yet("NodeUnpublishVolume"))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        _r: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        Err(not_yet("NodeGetVolumeStats"))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _r: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(not_yet("NodeExpandVolume"))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _r: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: Vec::new(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _r: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: i64::from(self.cfg.max_volumes),
+            accessible_topology: Some(csi::Topology {
+                segments: self.topology(),
+            }),
+        }))
+    }
+}
+
+/// Registers with the controller now and every [`HEARTBEAT`]; a failed
+/// attempt is logged and retried at the next beat.
+async fn heartbeat(node: Arc<Node>) {
+    let mut client: Option<manager::manager_client::ManagerClient<tonic::transport::Channel>> =
+        None;
+    loop {
+        if client.is_none() {
+            let ep =
+                tonic::transport::Channel::from_shared(format!("http://{}", node.cfg.controller));
+            if let Ok(ep) = ep {
+                if let Ok(ch) = ep.connect_timeout(Duration::from_secs(5)).connect().await {
+                    client = Some(manager::manager_client::ManagerClient::new(ch));
+                }
+            }
+        }
+        if let Some(c) = client.as_mut() {
+            if let Err(e) = c.register_node(node.registration()).await {
+                tracing::warn!(node.id = %node.cfg.node_id, error = %e, "registration with the controller failed");
+                client = None;
+            }
+        } else {
+            tracing::warn!(node.id = %node.cfg.node_id, controller = %node.cfg.controller, "controller unreachable");
+        }
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+}
+
+/// Runs the node: the agent API on `cfg.agent_listen`, CSI Identity and
+/// Node on `csi_socket`, the heartbeat; returns when `shutdown` resolves,
+/// after stopping its instances.
+pub async fn run(
+    cfg: Config,
+    csi_socket: &std::path::Path,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    for d in &cfg.disks {
+        std::fs::create_dir_all(d.path.join("replicas"))
+            .map_err(|e| serve_err(format!("disk {}", d.path.display()))(e.to_string()))?;
+    }
+    let exe = std::env::current_exe().map_err(|e| serve_err("own executable")(e.to_string()))?;
+    let instances = Instances::new(
+        exe,
+        cfg.agent_listen.ip(),
+        cfg.disks.iter().map(|d| d.path.clone()).collect(),
+    );
+    let node = Arc::new(Node { cfg, instances });
+    let tcp = tokio::net::TcpListener::bind(node.cfg.agent_listen)
+        .await
+        .map_err(|e| serve_err(format!("agent API on {}", node.cfg.agent_listen))(e.to_string()))?;
+    let uds = csi::bind_unix(csi_socket)
+        .map_err(|e| serve_err(format!("CSI socket {}", csi_socket.display()))(e.to_string()))?;
+    let beat = tokio::spawn(heartbeat(node.clone()));
+    tracing::info!(node.id = %node.cfg.node_id, agent = %node.cfg.agent_listen, "node serving");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let agent_server = tonic::transport::Server::builder()
+        .add_service(agent::agent_server::AgentServer::new(node.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(tcp),
+            stopped(stop_rx.clone()),
+        );
+    let csi_server = tonic::transport::Server::builder()
+        .add_service(csi::identity_server::IdentityServer::new(node.clone()))
+        .add_service(csi::node_server::NodeServer::new(node.clone()))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(uds),
+            stopped(stop_rx.clone()),
+        );
+    let stop_grace = stop_rx;
+    // Clients (kubelet, the controller) keep connections open; past a
+    // short grace the servers stop without waiting for them.
+    let servers = async { tokio::join!(agent_server, csi_server) };
+    let (a, b) = tokio::select! {
+        r = servers => r,
+        () = async {
+            stopped(stop_grace).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => (Ok(()), Ok(())),
+    };
+    beat.abort();
+    node.instances.stop_all().await;
+    let _ = std::fs::remove_file(csi_socket);
+    a.map_err(|e| serve_err("agent server")(e.to_string()))?;
+    b.map_err(|e| serve_err("CSI server")(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs_parse_paths_tags_and_caps() {
+        let d: DiskSpec = "/data/a:ssd,fast=100Gi".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/data/a"));
+        assert_eq!(d.tags, ["ssd", "fast"]);
+        assert_eq!(d.capacity, Some(100 << 30));
+        let plain: DiskSpec = "/data/b".parse().unwrap();
+        assert_eq!((plain.tags.len(), plain.capacity), (0, None));
+        for bad in ["data/rel", "/d=lots", "/d=0"] {
+            let e = bad.parse::<DiskSpec>().unwrap_err();
+            assert!(e.contains("PATH"), "{bad}: {e}");
+        }
+    }
+}
