@@ -47,20 +47,6 @@ pub struct ReplicaRecord {
     /// host:port its process serves on, once the node started it.
     #[serde(default)]
     pub address: Option<String>,
-    /// Unix seconds when it was seen failed, if it is; a replica failed
-    /// longer than the volume's stale timeout is replaced.
-    #[serde(default)]
-    pub failed_at: Option<u64>,
-}
-
-/// Where a volume's first content came from.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// Restored from this snapshot id.
-    Snapshot(String),
-    /// Cloned from this volume id.
-    Volume(String),
 }
 
 /// A volume, as stored under [`VOLUMES`].
@@ -81,12 +67,6 @@ pub struct VolumeRecord {
     /// The node the volume is published to, if any.
     #[serde(default)]
     pub published_node: Option<String>,
-    /// Content source, if any.
-    #[serde(default)]
-    pub source: Option<Source>,
-    /// Monotonic counter naming new replicas.
-    #[serde(default)]
-    pub next_replica: u32,
 }
 
 /// A node, as stored under [`NODES`].

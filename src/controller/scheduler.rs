@@ -100,6 +100,60 @@ pub fn room_on(
     u64::try_from(limit.saturating_sub(u128::from(used))).unwrap_or(u64::MAX)
 }
 
+/// Why node `n` can take no replica of `req` (a reason, counted in a
+/// [`Shortfall`]), or the room on its roomiest disk with the selected
+/// tags and that disk's path (ties: the smallest path).
+fn roomiest<'n>(
+    req: &Request,
+    n: &Candidate<'n>,
+    scheduled: &BTreeMap<(String, String), u64>,
+    over_provisioning: u64,
+) -> Result<(u64, &'n str), &'static str> {
+    if req.excluded.contains(n.node) {
+        return Err("hold a replica already");
+    }
+    if req.allowed.as_ref().is_some_and(|a| !a.contains(n.node)) {
+        return Err("outside the allowed topology");
+    }
+    if !req.node_selector.is_subset(n.tags) {
+        return Err("lack a selected node tag");
+    }
+    n.disks
+        .iter()
+        .filter(|d| req.disk_selector.is_subset(&d.tags))
+        .map(|d| {
+            (
+                room_on(n.node, d, scheduled, over_provisioning),
+                d.path.as_str(),
+            )
+        })
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)))
+        .ok_or("have no disk with the selected tags")
+}
+
+/// The largest replica size for which [`place`] would succeed with
+/// `req.count` replicas (`req.size` is ignored): each replica needs its
+/// own node, so it is the room on the `count`-th roomiest eligible node,
+/// 0 when fewer nodes qualify.
+pub fn largest(
+    req: &Request,
+    nodes: &[Candidate<'_>],
+    scheduled: &BTreeMap<(String, String), u64>,
+    over_provisioning: u64,
+) -> u64 {
+    let mut rooms: Vec<u64> = nodes
+        .iter()
+        .filter_map(|n| roomiest(req, n, scheduled, over_provisioning).ok())
+        .map(|(room, _)| room)
+        .collect();
+    rooms.sort_unstable_by(|a, b| b.cmp(a));
+    req.count
+        .checked_sub(1)
+        .and_then(|i| rooms.get(i))
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Places `req.count` replicas over `nodes`. `scheduled` holds the bytes
 /// already scheduled per (node, disk path); `over_provisioning` is a
 /// percentage (100 = no over-provisioning).
@@ -110,37 +164,14 @@ pub fn place(
     over_provisioning: u64,
 ) -> Result<Vec<Placement>, Shortfall> {
     let mut why: BTreeMap<&str, usize> = BTreeMap::new();
-    // Each eligible node with its roomiest fitting disk: (room left, path).
+    // Each eligible node with the room its roomiest disk keeps after this
+    // replica, and that disk's path.
     let mut eligible: Vec<(&Candidate<'_>, u64, &str)> = Vec::new();
     for n in nodes {
-        let reason = if req.excluded.contains(n.node) {
-            Some("hold a replica already")
-        } else if req.allowed.as_ref().is_some_and(|a| !a.contains(n.node)) {
-            Some("outside the allowed topology")
-        } else if !req.node_selector.is_subset(n.tags) {
-            Some("lack a selected node tag")
-        } else {
-            None
-        };
-        if let Some(r) = reason {
-            *why.entry(r).or_default() += 1;
-            continue;
-        }
-        let best = n
-            .disks
-            .iter()
-            .filter(|d| req.disk_selector.is_subset(&d.tags))
-            .filter_map(|d| {
-                let room = room_on(n.node, d, scheduled, over_provisioning);
-                (room >= req.size).then(|| (room - req.size, d.path.as_str()))
-            })
-            .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(a.1)));
-        match best {
-            Some((room, path)) => eligible.push((n, room, path)),
-            None => {
-                *why.entry("have no disk with room and the selected tags")
-                    .or_default() += 1
-            }
+        match roomiest(req, n, scheduled, over_provisioning) {
+            Ok((room, path)) if room >= req.size => eligible.push((n, room - req.size, path)),
+            Ok(_) => *why.entry("have no disk with room").or_default() += 1,
+            Err(reason) => *why.entry(reason).or_default() += 1,
         }
     }
     if eligible.len() < req.count {
@@ -300,26 +331,64 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// `largest` is exactly the boundary of `place`: that size places,
+        /// one byte more does not.
+        #[test]
+        fn largest_is_the_edge_of_place(
+            ns in nodes(),
+            count in 1usize..4,
+            over in prop_oneof![Just(100u64), Just(200u64)],
+            disk_selector in tagset(),
+            used_seed in prop::collection::vec(0u64..150, 21),
+        ) {
+            let mut scheduled = BTreeMap::new();
+            for (i, n) in ns.iter().enumerate() {
+                for (j, d) in n.disks.iter().enumerate() {
+                    scheduled.insert((n.id.clone(), d.path.clone()), used_seed[i * 3 + j]);
+                }
+            }
+            let cands: Vec<_> = ns.iter().map(|n| Candidate { node: &n.id, zone: n.zone.as_deref(), tags: &n.tags, disks: &n.disks }).collect();
+            let mut req = Request { count, disk_selector, ..Request::default() };
+            let l = largest(&req, &cands, &scheduled, over);
+            req.size = l + 1;
+            prop_assert!(place(&req, &cands, &scheduled, over).is_err());
+            if l > 0 {
+                req.size = l;
+                prop_assert!(place(&req, &cands, &scheduled, over).is_ok());
+            }
+        }
+    }
+
     #[test]
     fn a_shortfall_says_what_excluded_the_nodes() {
         let tags = BTreeSet::new();
-        let disks = [Disk {
-            path: "/d".into(),
-            capacity: 100,
-            tags: BTreeSet::new(),
-        }];
+        let disk = |capacity| {
+            [Disk {
+                path: "/d".into(),
+                capacity,
+                tags: BTreeSet::new(),
+            }]
+        };
+        let (roomy, full) = (disk(100), disk(5));
         let nodes = [
             Candidate {
                 node: "a",
                 zone: None,
                 tags: &tags,
-                disks: &disks,
+                disks: &roomy,
             },
             Candidate {
                 node: "b",
                 zone: None,
                 tags: &tags,
                 disks: &[],
+            },
+            Candidate {
+                node: "c",
+                zone: None,
+                tags: &tags,
+                disks: &full,
             },
         ];
         let req = Request {
@@ -329,9 +398,11 @@ mod tests {
         };
         let e = place(&req, &nodes, &BTreeMap::new(), 100).unwrap_err();
         assert_eq!(e.found, 1);
+        let msg = e.to_string();
+        assert!(msg.contains("1 node(s) have no disk with room"), "{msg}");
         assert!(
-            e.to_string().contains("1 node(s) have no disk with room"),
-            "{e}"
+            msg.contains("1 node(s) have no disk with the selected tags"),
+            "{msg}"
         );
     }
 }

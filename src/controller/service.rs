@@ -161,6 +161,13 @@ fn compatible(v: &VolumeRecord, range: Option<&csi::CapacityRange>, p: &VolumePa
     v.size >= req.unsigned_abs() && (lim == 0 || v.size <= lim.unsigned_abs()) && v.params == *p
 }
 
+/// Whether node `n` reports every segment of `t` with the same value.
+fn in_topology(n: &NodeRecord, t: &csi::Topology) -> bool {
+    t.segments
+        .iter()
+        .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
+}
+
 /// Node ids allowed by a topology requirement: those matching one of its
 /// requisite segments (all of whose keys the node reports with the same
 /// value). `None` when the request does not constrain topology.
@@ -180,13 +187,7 @@ fn allowed_nodes(
     Some(
         nodes
             .iter()
-            .filter(|n| {
-                wanted.iter().any(|t| {
-                    t.segments
-                        .iter()
-                        .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
-                })
-            })
+            .filter(|n| wanted.iter().any(|t| in_topology(n, t)))
             .map(|n| n.id.clone())
             .collect(),
     )
@@ -418,7 +419,8 @@ impl csi::controller_server::Controller for Arc<Controller> {
         }
         let id = volume_id(&r.name);
         let _busy = self.begin(&id)?;
-        if let Some(v) = self.get_volume(&id)? {
+        if let Some(found) = VOLUMES.get(&*self.store, &id).map_err(store_status)? {
+            let v = found.value;
             if v.name != r.name {
                 return Err(Status::already_exists(format!(
                     "volume id {id} belongs to another name ({:?})",
@@ -431,12 +433,9 @@ impl csi::controller_server::Controller for Arc<Controller> {
                     r.name, v.size
                 )));
             }
+            // A create that stopped half-way (a node failed) resumes.
             let v = if v.state == VolumeState::Creating {
-                let version = VOLUMES
-                    .get(&*self.store, &id)
-                    .map_err(store_status)?
-                    .map_or(0, |x| x.version);
-                self.realize(v, version).await?
+                self.realize(v, found.version).await?
             } else {
                 v
             };
@@ -462,19 +461,16 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 node: p.node,
                 disk: p.disk,
                 address: None,
-                failed_at: None,
             })
             .collect::<Vec<_>>();
         let v = VolumeRecord {
             id: id.clone(),
             name: r.name.clone(),
             size,
-            next_replica: u32::try_from(replicas.len()).unwrap_or(u32::MAX),
             params,
             state: VolumeState::Creating,
             replicas,
             published_node: None,
-            source: None,
         };
         // The placement is recorded before any node acts on it, so a crash
         // or a failed node leaves a record a retry resumes, never replicas
@@ -676,15 +672,18 @@ impl csi::controller_server::Controller for Arc<Controller> {
         let allowed = r.accessible_topology.as_ref().map(|t| {
             nodes
                 .iter()
-                .filter(|n| {
-                    t.segments
-                        .iter()
-                        .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
-                })
+                .filter(|n| in_topology(n, t))
                 .map(|n| n.id.clone())
                 .collect::<BTreeSet<_>>()
         });
-        let largest = largest_placeable(&params, allowed, &nodes, &self.scheduled()?);
+        let req = Controller::scheduler_request(&params, SIZE_STEP, allowed);
+        let room = scheduler::largest(
+            &req,
+            &candidates(&nodes),
+            &self.scheduled()?,
+            OVER_PROVISIONING,
+        );
+        let largest = room / SIZE_STEP * SIZE_STEP;
         let bytes = i64::try_from(largest).unwrap_or(i64::MAX);
         Ok(Response::new(csi::GetCapacityResponse {
             available_capacity: bytes,
@@ -788,33 +787,6 @@ fn not_advertised(cap: &str) -> Status {
         Code::Unimplemented,
         format!("{cap} is not advertised by this build"),
     )
-}
-
-/// The largest volume with `params` the scheduler could place now: each
-/// replica needs its own node, so it is the room on the N-th roomiest
-/// eligible node (0 when fewer than N qualify).
-fn largest_placeable(
-    params: &VolumeParams,
-    allowed: Option<BTreeSet<String>>,
-    nodes: &[NodeRecord],
-    scheduled: &BTreeMap<(String, String), u64>,
-) -> u64 {
-    let mut rooms: Vec<u64> = nodes
-        .iter()
-        .filter(|n| allowed.as_ref().is_none_or(|a| a.contains(&n.id)))
-        .filter(|n| params.node_selector.is_subset(&n.tags))
-        .filter_map(|n| {
-            n.disks
-                .iter()
-                .filter(|d| params.disk_selector.is_subset(&d.tags))
-                .map(|d| scheduler::room_on(&n.id, d, scheduled, OVER_PROVISIONING))
-                .max()
-        })
-        .collect();
-    rooms.sort_unstable_by(|a, b| b.cmp(a));
-    rooms
-        .get(params.replicas as usize - 1)
-        .map_or(0, |r| r / SIZE_STEP * SIZE_STEP)
 }
 
 #[tonic::async_trait]

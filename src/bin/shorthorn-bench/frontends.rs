@@ -120,20 +120,32 @@ fn fio(sink: &Sink, size: u64, args: &[&str]) -> Result<serde_json::Value, BoxEr
     Ok(v["jobs"][0].clone())
 }
 
+/// The 1 MiB sequential write that also fills the region.
+const FILL: [&str; 3] = ["--rw=write", "--bs=1M", "--iodepth=4"];
+
+/// A timed 4 KiB job (`rw` a fio `--rw=` argument) at queue depth `depth`.
+fn random(
+    sink: &Sink,
+    size: u64,
+    secs: u64,
+    rw: &str,
+    depth: u32,
+) -> Result<serde_json::Value, BoxError> {
+    let (t, d) = (format!("--runtime={secs}"), format!("--iodepth={depth}"));
+    fio(
+        sink,
+        size,
+        &[rw, "--bs=4k", d.as_str(), "--time_based", t.as_str()],
+    )
+}
+
 /// The five jobs against one sink.
 fn jobs(sink: &Sink, size: u64, secs: u64) -> Result<Vec<(&'static str, f64)>, BoxError> {
-    let t = format!("--runtime={secs}");
-    let random = |rw: &str, depth: &str| {
-        fio(
-            sink,
-            size,
-            &[rw, "--bs=4k", depth, "--time_based", t.as_str()],
-        )
-    };
-    let seqw = fio(sink, size, &["--rw=write", "--bs=1M", "--iodepth=4"])?;
-    let rw16 = random("--rw=randwrite", "--iodepth=16")?;
-    let rw1 = random("--rw=randwrite", "--iodepth=1")?;
-    let rr16 = random("--rw=randread", "--iodepth=16")?;
+    let timed = |rw: &str, depth: u32| random(sink, size, secs, rw, depth);
+    let seqw = fio(sink, size, &FILL)?;
+    let rw16 = timed("--rw=randwrite", 16)?;
+    let rw1 = timed("--rw=randwrite", 1)?;
+    let rr16 = timed("--rw=randread", 16)?;
     let seqr = fio(sink, size, &["--rw=read", "--bs=1M", "--iodepth=4"])?;
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     Ok(vec![
@@ -151,20 +163,8 @@ fn jobs(sink: &Sink, size: u64, secs: u64) -> Result<Vec<(&'static str, f64)>, B
 /// The parity job: fill the region as [`jobs`] does, then 4 KiB random
 /// writes at queue depth 16; returns IOPS.
 fn randwrite_qd16(sink: &Sink, size: u64, secs: u64) -> Result<f64, BoxError> {
-    fio(sink, size, &["--rw=write", "--bs=1M", "--iodepth=4"])?;
-    let t = format!("--runtime={secs}");
-    let v = fio(
-        sink,
-        size,
-        &[
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--time_based",
-            t.as_str(),
-        ],
-    )?;
-    v["write"]["iops"]
+    fio(sink, size, &FILL)?;
+    random(sink, size, secs, "--rw=randwrite", 16)?["write"]["iops"]
         .as_f64()
         .ok_or_else(|| "fio printed no write IOPS".into())
 }
