@@ -11,6 +11,11 @@ pub use generated::*;
 /// The CSI driver name (the StorageClass `provisioner`).
 pub const DRIVER_NAME: &str = "driver.shorthorn.io";
 
+/// Publish-context key naming the frontend the volume's engine serves on
+/// the node it was published to (`fuse`): ControllerPublishVolume sets it,
+/// NodeStageVolume attaches accordingly.
+pub const CTX_FRONTEND: &str = "shorthorn.io/frontend";
+
 /// This driver's name and version, as both plugins report them.
 pub fn plugin_info() -> GetPluginInfoResponse {
     GetPluginInfoResponse {

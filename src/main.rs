@@ -85,6 +85,10 @@ struct NodeArgs {
     /// Volumes this node may have attached at once; 0 means no limit.
     #[arg(long, default_value_t = 0)]
     max_volumes: u32,
+    /// Directory for the node's own files (each attached volume's FUSE
+    /// file lives under it).
+    #[arg(long, default_value = "/var/lib/shorthorn/node")]
+    state_dir: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -441,6 +445,7 @@ async fn run_node(a: NodeArgs) -> Result<()> {
         tags: a.tags,
         zone: a.zone,
         max_volumes: a.max_volumes,
+        state_dir: a.state_dir,
     };
     shorthorn::node::run(cfg, &socket, terminated()).await?;
     Ok(())

@@ -43,11 +43,14 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const OVER_PROVISIONING: u64 = 200;
 
 /// Controller RPCs this build implements (and so advertises).
-const CAPABILITIES: [Rpc; 4] = [
+const CAPABILITIES: [Rpc; 7] = [
     Rpc::CreateDeleteVolume,
+    Rpc::PublishUnpublishVolume,
     Rpc::ListVolumes,
+    Rpc::ListVolumesPublishedNodes,
     Rpc::GetCapacity,
     Rpc::GetVolume,
+    Rpc::SingleNodeMultiWriter,
 ];
 
 /// The controller's shared state.
@@ -560,20 +563,149 @@ impl csi::controller_server::Controller for Arc<Controller> {
 
     async fn controller_publish_volume(
         &self,
-        _r: Request<csi::ControllerPublishVolumeRequest>,
+        r: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "PUBLISH_UNPUBLISH_VOLUME is not advertised by this build",
-        ))
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        if r.node_id.is_empty() {
+            return Err(invalid("node_id must not be empty"));
+        }
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| invalid("volume_capability must be given"))?;
+        check_capability(cap).map_err(invalid)?;
+        let _busy = self.begin(&r.volume_id)?;
+        let cur = VOLUMES
+            .get(&*self.store, &r.volume_id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let node = NODES
+            .get(&*self.store, &r.node_id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("node {} is not registered", r.node_id)))?
+            .value;
+        let mut v = cur.value;
+        match v.state {
+            VolumeState::Creating | VolumeState::Deleting => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is {}; it cannot be published now",
+                    v.id,
+                    format!("{:?}", v.state).to_lowercase()
+                )))
+            }
+            _ => {}
+        }
+        match &v.published_node {
+            Some(n) if *n != r.node_id => {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is published to node {n}; a shorthorn volume attaches to one node at a time",
+                    v.id
+                )))
+            }
+            Some(_) => {}
+            None => {
+                if node.max_volumes > 0 {
+                    let attached = VOLUMES
+                        .all(&*self.store)
+                        .map_err(store_status)?
+                        .iter()
+                        .filter(|(_, o)| o.value.published_node.as_deref() == Some(&r.node_id))
+                        .count();
+                    if attached >= node.max_volumes as usize {
+                        return Err(Status::resource_exhausted(format!(
+                            "node {} has {attached} volumes attached, its limit",
+                            r.node_id
+                        )));
+                    }
+                }
+            }
+        }
+        let mut version = cur.version;
+        if v.published_node.is_none() {
+            // Recorded before the node acts, so a crash here leaves the
+            // volume claimed by this node until a retry or an unpublish.
+            v.published_node = Some(r.node_id.clone());
+            v.state = VolumeState::Attaching;
+            version = self
+                .store
+                .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
+                .map_err(store_status)?;
+        }
+        let addresses = v
+            .replicas
+            .iter()
+            .filter_map(|rep| rep.address.clone())
+            .collect::<Vec<_>>();
+        let started = self
+            .agent(&r.node_id)
+            .await?
+            .start_engine(agent::StartEngineRequest {
+                volume_id: v.id.clone(),
+                size_bytes: v.size,
+                replica_addresses: addresses,
+            })
+            .await
+            .map_err(|e| agent_failed(&r.node_id, &e))?
+            .into_inner();
+        if v.state == VolumeState::Attaching {
+            v.state = VolumeState::Attached;
+            self.store
+                .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
+                .map_err(store_status)?;
+        }
+        tracing::info!(volume.id = %v.id, node.id = %r.node_id, "volume published");
+        Ok(Response::new(csi::ControllerPublishVolumeResponse {
+            publish_context: HashMap::from([(csi::CTX_FRONTEND.to_owned(), started.frontend)]),
+        }))
     }
 
     async fn controller_unpublish_volume(
         &self,
-        _r: Request<csi::ControllerUnpublishVolumeRequest>,
+        r: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "PUBLISH_UNPUBLISH_VOLUME is not advertised by this build",
-        ))
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        let _busy = self.begin(&r.volume_id)?;
+        // A volume or node that is gone is, as the spec says, unpublished.
+        let Some(cur) = VOLUMES
+            .get(&*self.store, &r.volume_id)
+            .map_err(store_status)?
+        else {
+            return Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}));
+        };
+        let mut v = cur.value;
+        let Some(node) = v.published_node.clone() else {
+            return Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}));
+        };
+        if !r.node_id.is_empty() && r.node_id != node {
+            return Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}));
+        }
+        // A node removed from the cluster runs no engine to stop.
+        if NODES
+            .get(&*self.store, &node)
+            .map_err(store_status)?
+            .is_some()
+        {
+            self.agent(&node)
+                .await?
+                .stop_engine(agent::StopEngineRequest {
+                    volume_id: v.id.clone(),
+                })
+                .await
+                .map_err(|e| agent_failed(&node, &e))?;
+        }
+        v.published_node = None;
+        v.state = VolumeState::Detached;
+        self.store
+            .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(cur.version))])
+            .map_err(store_status)?;
+        tracing::info!(volume.id = %v.id, node.id = %node, "volume unpublished");
+        Ok(Response::new(csi::ControllerUnpublishVolumeResponse {}))
     }
 
     async fn validate_volume_capabilities(

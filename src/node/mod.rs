@@ -1,25 +1,29 @@
 //! `node` owns one machine's share of the work: the instance manager that
-//! runs this node's replica processes ([`instances`]), the agent API the
-//! controller drives it through (`proto/agent.proto`), the heartbeat that
-//! registers the node and its disks with the controller, and the CSI
-//! Identity and Node services.
+//! runs this node's replica and engine processes ([`instances`]), the
+//! agent API the controller drives it through (`proto/agent.proto`), the
+//! heartbeat that registers the node and its disks with the controller,
+//! and the CSI Identity and Node services ([`csi_node`], with the kernel
+//! side in [`mount`]).
 //!
-//! Status (issue 5, in progress): replicas are created, supervised and
-//! deleted on the controller's request; CSI NodeGetInfo answers. Engines,
-//! NodeStage/Publish (attach, format, mount) come next, and so does
-//! adopting instances after a restart: a node stopped with SIGTERM stops
-//! its replicas, but a SIGKILLed one leaves them running (so volumes keep
-//! serving), and today a restarted node does not find them again.
+//! Status (issue 5, in progress): replicas and engines are started,
+//! supervised and stopped on the controller's request; volumes are staged
+//! through the FUSE frontend and a loop device, formatted when blank,
+//! mounted and bind-published. Not yet: the iSCSI attach path, expansion,
+//! and adopting instances after a restart: a node stopped with SIGTERM
+//! stops its instances, but a SIGKILLed one leaves them running (so
+//! volumes keep serving), and today a restarted node does not find them.
 //!
 //! It starts replicas and engines as separate processes of this binary and
 //! must not import `crate::controller` (enforced by `tests/layering.rs`).
 
+pub mod csi_node;
 pub mod instances;
+pub mod mount;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
@@ -100,6 +104,8 @@ pub struct Config {
     pub zone: Option<String>,
     /// Volumes this node may have attached at once (0: no limit).
     pub max_volumes: u32,
+    /// Where the node keeps its own files (engines' FUSE files).
+    pub state_dir: PathBuf,
 }
 
 /// What can stop the node from serving.
@@ -132,6 +138,36 @@ fn serve_err(what: impl Into<String>) -> impl FnOnce(String) -> Error {
 pub struct Node {
     cfg: Config,
     instances: Instances,
+    /// Volumes with a CSI call in flight.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Holds one volume's CSI operation slot; frees it when dropped.
+struct Busy<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl<'a> Busy<'a> {
+    /// Takes `key`'s slot, or ABORTED if a call holds it.
+    #[allow(clippy::result_large_err)]
+    fn take(set: &'a Mutex<HashSet<String>>, key: &str) -> Result<Self, Status> {
+        if !set.lock().expect("poisoned").insert(key.to_owned()) {
+            return Err(Status::aborted(format!(
+                "an operation on volume {key:?} is in progress on this node; retry"
+            )));
+        }
+        Ok(Self {
+            set,
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.set.lock().expect("poisoned").remove(&self.key);
+    }
 }
 
 fn status(e: &instances::Error) -> Status {
@@ -205,23 +241,79 @@ impl agent::agent_server::Agent for Arc<Node> {
         Ok(Response::new(agent::DeleteReplicaResponse {}))
     }
 
+    async fn start_engine(
+        &self,
+        r: Request<agent::StartEngineRequest>,
+    ) -> Result<Response<agent::StartEngineResponse>, Status> {
+        let r = r.into_inner();
+        if r.size_bytes == 0 || r.size_bytes % 4096 != 0 {
+            return Err(Status::invalid_argument(format!(
+                "size_bytes {} must be a positive multiple of 4096",
+                r.size_bytes
+            )));
+        }
+        if r.replica_addresses.is_empty() {
+            return Err(Status::invalid_argument(
+                "replica_addresses must name at least one replica",
+            ));
+        }
+        let e = self
+            .instances
+            .start_engine(&r.volume_id, r.size_bytes, &r.replica_addresses)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::StartEngineResponse {
+            frontend: "fuse".into(),
+            path: e.path.display().to_string(),
+            control_address: e.control,
+        }))
+    }
+
+    async fn stop_engine(
+        &self,
+        r: Request<agent::StopEngineRequest>,
+    ) -> Result<Response<agent::StopEngineResponse>, Status> {
+        let r = r.into_inner();
+        let file = self
+            .instances
+            .engine_file(&r.volume_id)
+            .map_err(|e| status(&e))?;
+        // A loop device left over the file (a node plugin that died before
+        // NodeUnstage finished) would turn the engine's clean unmount into
+        // a lazy detach; the CO unstaged already, so it is let go here.
+        mount::detach_loop(&file).map_err(|e| Status::new(e.kind().grpc_code(), e.to_string()))?;
+        self.instances
+            .stop_engine(&r.volume_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::StopEngineResponse {}))
+    }
+
     async fn list_instances(
         &self,
         _r: Request<agent::ListInstancesRequest>,
     ) -> Result<Response<agent::ListInstancesResponse>, Status> {
-        let instances = self
+        let replicas = self.instances.list().into_iter().map(|i| agent::Instance {
+            kind: "replica".into(),
+            volume_id: i.volume,
+            name: i.name,
+            address: i.addr,
+            running: i.running,
+            path: i.dir.display().to_string(),
+        });
+        let engines = self
             .instances
-            .list()
+            .engines()
             .into_iter()
-            .map(|i| agent::Instance {
-                kind: "replica".into(),
-                volume_id: i.volume,
-                name: i.name,
-                address: i.addr,
-                running: i.running,
-                path: i.dir.display().to_string(),
-            })
-            .collect();
+            .map(|e| agent::Instance {
+                kind: "engine".into(),
+                name: "engine".into(),
+                volume_id: e.volume,
+                address: e.control,
+                running: e.running,
+                path: e.path.display().to_string(),
+            });
+        let instances = replicas.chain(engines).collect();
         Ok(Response::new(agent::ListInstancesResponse { instances }))
     }
 }
@@ -250,79 +342,6 @@ impl csi::identity_server::Identity for Arc<Node> {
         _r: Request<csi::ProbeRequest>,
     ) -> Result<Response<csi::ProbeResponse>, Status> {
         Ok(Response::new(csi::ProbeResponse { ready: Some(true) }))
-    }
-}
-
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not implemented by this build (no such node capability is advertised)"
-    ))
-}
-
-#[tonic::async_trait]
-impl csi::node_server::Node for Arc<Node> {
-    async fn node_stage_volume(
-        &self,
-        _r: Request<csi::NodeStageVolumeRequest>,
-    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        Err(not_yet("NodeStageVolume"))
-    }
-
-    async fn node_unstage_volume(
-        &self,
-        _r: Request<csi::NodeUnstageVolumeRequest>,
-    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        Err(not_yet("NodeUnstageVolume"))
-    }
-
-    async fn node_publish_volume(
-        &self,
-        _r: Request<csi::NodePublishVolumeRequest>,
-    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        Err(not_yet("NodePublishVolume"))
-    }
-
-    async fn node_unpublish_volume(
-        &self,
-        _r: Request<csi::NodeUnpublishVolumeRequest>,
-    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        Err(not_yet("NodeUnpublishVolume"))
-    }
-
-    async fn node_get_volume_stats(
-        &self,
-        _r: Request<csi::NodeGetVolumeStatsRequest>,
-    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        Err(not_yet("NodeGetVolumeStats"))
-    }
-
-    async fn node_expand_volume(
-        &self,
-        _r: Request<csi::NodeExpandVolumeRequest>,
-    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(not_yet("NodeExpandVolume"))
-    }
-
-    async fn node_get_capabilities(
-        &self,
-        _r: Request<csi::NodeGetCapabilitiesRequest>,
-    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
-            capabilities: Vec::new(),
-        }))
-    }
-
-    async fn node_get_info(
-        &self,
-        _r: Request<csi::NodeGetInfoRequest>,
-    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
-        Ok(Response::new(csi::NodeGetInfoResponse {
-            node_id: self.cfg.node_id.clone(),
-            max_volumes_per_node: i64::from(self.cfg.max_volumes),
-            accessible_topology: Some(csi::Topology {
-                segments: self.topology(),
-            }),
-        }))
     }
 }
 
@@ -366,12 +385,20 @@ pub async fn run(
             .map_err(|e| serve_err(format!("disk {}", d.path.display()))(e.to_string()))?;
     }
     let exe = std::env::current_exe().map_err(|e| serve_err("own executable")(e.to_string()))?;
+    std::fs::create_dir_all(cfg.state_dir.join("engines")).map_err(|e| {
+        serve_err(format!("state directory {}", cfg.state_dir.display()))(e.to_string())
+    })?;
     let instances = Instances::new(
         exe,
         cfg.agent_listen.ip(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
+        cfg.state_dir.clone(),
     );
-    let node = Arc::new(Node { cfg, instances });
+    let node = Arc::new(Node {
+        cfg,
+        instances,
+        busy: Mutex::new(HashSet::new()),
+    });
     let tcp = tokio::net::TcpListener::bind(node.cfg.agent_listen)
         .await
         .map_err(|e| serve_err(format!("agent API on {}", node.cfg.agent_listen))(e.to_string()))?;

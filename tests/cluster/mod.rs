@@ -13,6 +13,7 @@ use shorthorn::replica::Replica;
 
 #[path = "../common/mod.rs"]
 pub mod common;
+pub mod csi;
 pub use common::content;
 
 /// A child process killed (and reaped) when dropped, so a failing test

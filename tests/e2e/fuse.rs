@@ -201,6 +201,7 @@ fn fio(mnt: &Path, extra: &[&str]) -> Command {
         "--verify=crc32c",
         "--verify_fatal=1",
         "--randseed=7",
+        "--verify_state_save=0",
     ])
     .arg(format!("--filename={}", mnt.join("fio.dat").display()))
     .args(extra)

@@ -13,6 +13,7 @@
 
 #[path = "../cluster/mod.rs"]
 mod cluster;
+mod csi;
 mod fuse;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,399 @@
+//! The CSI Node service: stage (loop device over the engine's FUSE file,
+//! filesystem made only on a blank device, mount), publish (bind mounts,
+//! read-only, raw block device nodes), their inverses, and volume stats.
+//!
+//! Each call validates its request fully before touching the kernel, and
+//! each step checks what is there first ([`super::mount`]), so a call
+//! repeated after a crash of the node plugin half-way completes the work
+//! rather than failing or doing it twice. Calls for one volume are
+//! serialised: a concurrent one gets ABORTED, as the spec asks.
+
+// Handlers answer with tonic's Status, the CSI boundary.
+#![allow(clippy::result_large_err)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{mount, Node};
+use crate::csi;
+use crate::csi::volume_capability::AccessType;
+use crate::csi::CTX_FRONTEND;
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg)
+}
+
+fn mount_status(e: &mount::Error) -> Status {
+    Status::new(e.kind().grpc_code(), e.to_string())
+}
+
+/// Runs the kernel-side steps `f` off the async workers (they wait on
+/// mount, mkfs, losetup).
+async fn kernel(
+    f: impl FnOnce() -> Result<(), mount::Error> + Send + 'static,
+) -> Result<(), Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| mount_status(&e))
+}
+
+fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, Status> {
+    if v.is_empty() {
+        return Err(invalid(format!("{field} must not be empty")));
+    }
+    Ok(v)
+}
+
+fn absolute(field: &str, v: &str) -> Result<PathBuf, Status> {
+    let p = PathBuf::from(required(field, v)?);
+    if !p.is_absolute() {
+        return Err(invalid(format!("{field} {v:?} must be an absolute path")));
+    }
+    Ok(p)
+}
+
+/// What a capability asks the node to make of the device.
+enum Access {
+    Block,
+    Mount { fs: String, flags: Vec<String> },
+}
+
+fn access(
+    cap: Option<&csi::VolumeCapability>,
+    context: &std::collections::HashMap<String, String>,
+) -> Result<Access, Status> {
+    let cap = cap.ok_or_else(|| invalid("volume_capability must be given"))?;
+    match &cap.access_type {
+        None => Err(invalid("volume_capability names neither block nor mount")),
+        Some(AccessType::Block(_)) => Ok(Access::Block),
+        Some(AccessType::Mount(m)) => {
+            let fs = if m.fs_type.is_empty() {
+                context
+                    .get("fsType")
+                    .cloned()
+                    .unwrap_or_else(|| "ext4".into())
+            } else {
+                m.fs_type.clone()
+            };
+            if fs != "ext4" && fs != "xfs" {
+                return Err(invalid(format!(
+                    "fs_type {fs:?} is not supported: use ext4 or xfs"
+                )));
+            }
+            Ok(Access::Mount {
+                fs,
+                flags: m.mount_flags.clone(),
+            })
+        }
+    }
+}
+
+impl Node {
+    /// The engine's FUSE file for `volume`, which must be served (the
+    /// volume is published to this node) for the device to be usable.
+    fn served_file(&self, volume: &str) -> Result<PathBuf, Status> {
+        let file = self.engine_file(volume)?;
+        match mount::mounted_at(&file).map_err(|e| mount_status(&e))? {
+            Some(m) if m.fstype.starts_with("fuse") => Ok(file),
+            _ => Err(Status::failed_precondition(format!(
+                "volume {volume} has no engine serving on this node; ControllerPublishVolume it to this node first"
+            ))),
+        }
+    }
+
+    /// Where the engine of `volume` would serve its FUSE file here.
+    fn engine_file(&self, volume: &str) -> Result<PathBuf, Status> {
+        self.instances
+            .engine_file(volume)
+            .map_err(|e| invalid(e.to_string()))
+    }
+
+    fn begin(&self, volume: &str) -> Result<super::Busy<'_>, Status> {
+        super::Busy::take(&self.busy, volume)
+    }
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for Arc<Node> {
+    async fn node_stage_volume(
+        &self,
+        r: Request<csi::NodeStageVolumeRequest>,
+    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let r = r.into_inner();
+        let volume = required("volume_id", &r.volume_id)?;
+        let staging = absolute("staging_target_path", &r.staging_target_path)?;
+        let access = access(r.volume_capability.as_ref(), &r.volume_context)?;
+        match r.publish_context.get(CTX_FRONTEND).map(String::as_str) {
+            Some("fuse") => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "publish_context {CTX_FRONTEND}={other:?} is not a frontend this node attaches"
+                )))
+            }
+            None => {
+                return Err(invalid(format!(
+                    "publish_context lacks {CTX_FRONTEND}: was the volume published by ControllerPublishVolume?"
+                )))
+            }
+        }
+        let _busy = self.begin(volume)?;
+        let file = self.served_file(volume)?;
+        let node = self.clone();
+        let volume = volume.to_owned();
+        kernel(move || {
+            let dev = mount::attach_loop(&file)?;
+            if let Access::Mount { fs, flags } = access {
+                mount::format_if_blank(&dev, &fs)?;
+                mount::mount_fs(&dev, &fs, &staging, &flags)?;
+            }
+            tracing::info!(volume.id = %volume, device = %dev.display(), node.id = %node.cfg.node_id, "volume staged");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        r: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let r = r.into_inner();
+        let volume = required("volume_id", &r.volume_id)?;
+        let staging = absolute("staging_target_path", &r.staging_target_path)?;
+        let file = self.engine_file(volume)?;
+        let _busy = self.begin(volume)?;
+        let volume = volume.to_owned();
+        kernel(move || {
+            // Unmounting flushes the filesystem through the loop device to
+            // the engine; only then is the device let go.
+            mount::unmount(&staging)?;
+            mount::detach_loop(&file)?;
+            tracing::info!(volume.id = %volume, "volume unstaged");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        r: Request<csi::NodePublishVolumeRequest>,
+    ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let r = r.into_inner();
+        let volume = required("volume_id", &r.volume_id)?;
+        let staging = absolute("staging_target_path", &r.staging_target_path)?;
+        let target = absolute("target_path", &r.target_path)?;
+        let access = access(r.volume_capability.as_ref(), &r.volume_context)?;
+        let file = self.engine_file(volume)?;
+        let _busy = self.begin(volume)?;
+        let source = match &access {
+            Access::Mount { .. } => {
+                if mount::mounted_at(&staging)
+                    .map_err(|e| mount_status(&e))?
+                    .is_none()
+                {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {volume} is not staged at {}; NodeStageVolume it first",
+                        staging.display()
+                    )));
+                }
+                staging
+            }
+            Access::Block => mount::loop_of(&file)
+                .map_err(|e| mount_status(&e))?
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "volume {volume} has no device on this node; NodeStageVolume it first"
+                    ))
+                })?,
+        };
+        let flags = match access {
+            Access::Mount { flags, .. } => flags,
+            Access::Block => Vec::new(),
+        };
+        let (ro, volume) = (r.readonly, volume.to_owned());
+        kernel(move || {
+            mount::bind(&source, &target, ro, &flags)?;
+            tracing::info!(volume.id = %volume, target = %target.display(), read_only = ro, "volume published");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        r: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let r = r.into_inner();
+        let volume = required("volume_id", &r.volume_id)?;
+        let target = absolute("target_path", &r.target_path)?;
+        let _busy = self.begin(volume)?;
+        let volume = volume.to_owned();
+        kernel(move || {
+            mount::unmount_and_remove(&target)?;
+            tracing::info!(volume.id = %volume, target = %target.display(), "volume unpublished");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        r: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let r = r.into_inner();
+        let volume = required("volume_id", &r.volume_id)?;
+        let path = absolute("volume_path", &r.volume_path)?;
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Status::not_found(format!("volume_path {} does not exist", path.display()))
+            } else {
+                Status::internal(format!("{}: {e}", path.display()))
+            }
+        })?;
+        if mount::mounted_at(&path)
+            .map_err(|e| mount_status(&e))?
+            .is_none()
+        {
+            return Err(Status::not_found(format!(
+                "volume {volume} is not published at {}",
+                path.display()
+            )));
+        }
+        let usage = if meta.is_dir() {
+            let s = nix::sys::statvfs::statvfs(&path)
+                .map_err(|e| Status::internal(format!("statvfs {}: {e}", path.display())))?;
+            let frag = s.fragment_size();
+            let bytes = |blocks: u64| i64::try_from(blocks * frag).unwrap_or(i64::MAX);
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            vec![
+                csi::VolumeUsage {
+                    available: bytes(s.blocks_available()),
+                    total: bytes(s.blocks()),
+                    used: bytes(s.blocks() - s.blocks_free()),
+                    unit: csi::volume_usage::Unit::Bytes as i32,
+                },
+                csi::VolumeUsage {
+                    available: n(s.files_available()),
+                    total: n(s.files()),
+                    used: n(s.files() - s.files_free()),
+                    unit: csi::volume_usage::Unit::Inodes as i32,
+                },
+            ]
+        } else {
+            use std::io::Seek;
+            let size = std::fs::File::open(&path)
+                .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            vec![csi::VolumeUsage {
+                available: 0,
+                total: i64::try_from(size).unwrap_or(i64::MAX),
+                used: 0,
+                unit: csi::volume_usage::Unit::Bytes as i32,
+            }]
+        };
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(self.condition(volume).await),
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _r: Request<csi::NodeExpandVolumeRequest>,
+    ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeExpandVolume: EXPAND_VOLUME is not advertised by this build",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _r: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
+        use csi::node_service_capability::{rpc::Type, Rpc, Type as T};
+        let capabilities = [
+            Type::StageUnstageVolume,
+            Type::GetVolumeStats,
+            Type::VolumeCondition,
+            Type::SingleNodeMultiWriter,
+        ]
+        .into_iter()
+        .map(|t| csi::NodeServiceCapability {
+            r#type: Some(T::Rpc(Rpc { r#type: t as i32 })),
+        })
+        .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _r: Request<csi::NodeGetInfoRequest>,
+    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: i64::from(self.cfg.max_volumes),
+            accessible_topology: Some(csi::Topology {
+                segments: self.topology(),
+            }),
+        }))
+    }
+}
+
+impl Node {
+    /// The volume's condition as its engine here reports it.
+    async fn condition(&self, volume: &str) -> csi::VolumeCondition {
+        use crate::engine::control::{pb, EngineClient};
+        let Some(e) = self.instances.engine(volume) else {
+            return csi::VolumeCondition {
+                abnormal: true,
+                message: "no engine runs for this volume on this node".into(),
+            };
+        };
+        let status = async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", e.control))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .timeout(std::time::Duration::from_secs(5))
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            EngineClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|e| e.message().to_owned())
+        }
+        .await;
+        match status {
+            Ok(s) => {
+                let h = pb::Health::try_from(s.health).unwrap_or(pb::Health::Unspecified);
+                let failed = s
+                    .replicas
+                    .iter()
+                    .filter(|r| r.mode != pb::ReplicaMode::ReadWrite as i32)
+                    .count();
+                csi::VolumeCondition {
+                    abnormal: h != pb::Health::Healthy,
+                    message: format!(
+                        "{}; {} of {} replicas not read-write",
+                        h.as_str_name().trim_start_matches("HEALTH_").to_lowercase(),
+                        failed,
+                        s.replicas.len()
+                    ),
+                }
+            }
+            Err(e) => csi::VolumeCondition {
+                abnormal: true,
+                message: format!("the engine does not answer: {e}"),
+            },
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! The CSI driver as real processes: one controller and nodes on their
+//! own loopback addresses (127.0.0.2, .3, ...), each with its own disk
+//! directory, driven through CSI clients generated from the same proto
+//! over their unix sockets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shorthorn::api::manager as mapi;
+use shorthorn::csi;
+use shorthorn::csi::controller_client::ControllerClient;
+use shorthorn::csi::node_client::NodeClient;
+use tonic::transport::Channel;
+
+use super::{free_addr, Proc};
+
+/// One GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// A controller process, its clients, and the nodes started for it.
+pub struct Ctl {
+    pub proc: Proc,
+    pub csi: Channel,
+    pub manager: mapi::manager_client::ManagerClient<Channel>,
+    pub manager_addr: String,
+    pub nodes: Vec<NodeProc>,
+}
+
+/// A node process with its own loopback address and disk.
+pub struct NodeProc {
+    pub proc: Proc,
+    pub disk: PathBuf,
+    /// Its `--state-dir`.
+    pub state: PathBuf,
+    /// Its CSI socket.
+    pub sock: PathBuf,
+}
+
+impl Drop for NodeProc {
+    /// SIGTERM, so the node stops its replica processes before it exits
+    /// (a SIGKILLed node leaves them running, by design: see the node's
+    /// module docs).
+    fn drop(&mut self) {
+        super::signal(&self.proc.0, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.proc.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn start(dir: &Path) -> (Proc, PathBuf, String) {
+    let sock = dir.join("csi.sock");
+    let listen = free_addr();
+    let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+        .args(["controller", "--csi-endpoint"])
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--listen", &listen, "--data-dir"])
+        .arg(dir.join("state"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    (Proc(child), sock, listen)
+}
+
+/// A gRPC channel over the unix socket `sock`, as kubelet and the CSI
+/// sidecars connect; waits up to 20 s for the socket to answer.
+pub async fn uds_channel(sock: &Path) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = sock.to_path_buf();
+        let ch = tonic::transport::Endpoint::from_static("http://csi.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let s = s.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(s).await?,
+                    ))
+                }
+            }))
+            .await;
+        match ch {
+            Ok(c) => return c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("socket {} never answered: {e}", sock.display()),
+        }
+    }
+}
+
+/// Starts a controller with its state under `dir` and connects to it.
+pub async fn connect(dir: &Path) -> Ctl {
+    let (proc, sock, listen) = start(dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let csi = uds_channel(&sock).await;
+    let manager = loop {
+        let ep = Channel::from_shared(format!("http://{listen}")).unwrap();
+        match ep.connect().await {
+            Ok(c) => break mapi::manager_client::ManagerClient::new(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("manager API never answered: {e}"),
+        }
+    };
+    Ctl {
+        proc,
+        csi,
+        manager,
+        manager_addr: listen,
+        nodes: Vec::new(),
+    }
+}
+
+impl Ctl {
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.csi.clone())
+    }
+
+    /// Starts node `i` (address 127.0.0.(i+2), zone `zone`, one disk
+    /// capped at `disk_gib`) and waits until the controller knows it.
+    pub async fn add_node(&mut self, root: &Path, i: usize, zone: &str, disk_gib: u64) {
+        self.add_node_with(root, i, zone, disk_gib, &[]).await;
+    }
+
+    /// [`Self::add_node`] with `extra` arguments for `shorthorn node`.
+    pub async fn add_node_with(
+        &mut self,
+        root: &Path,
+        i: usize,
+        zone: &str,
+        disk_gib: u64,
+        extra: &[&str],
+    ) {
+        let disk = root.join(format!("node-{i}-disk"));
+        let state = root.join(format!("node-{i}-state"));
+        let sock = root.join(format!("node-{i}.sock"));
+        std::fs::create_dir_all(&disk).unwrap();
+        let port = free_addr().rsplit_once(':').unwrap().1.to_owned();
+        let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+            .args(["node", "--node-id", &format!("node-{i}"), "--csi-endpoint"])
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--agent-listen", &format!("127.0.0.{}:{port}", i + 2)])
+            .args(["--controller", &self.manager_addr, "--zone", zone, "--disk"])
+            .arg(format!("{}:ssd={disk_gib}Gi", disk.display()))
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.nodes.push(NodeProc {
+            proc: Proc(child),
+            disk,
+            state,
+            sock,
+        });
+        let want = self.nodes.len();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = self
+                .manager
+                .list_nodes(mapi::ListNodesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nodes_json
+                .len();
+            if n >= want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node-{i} never registered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Three nodes in zones z1..z3 with `disk_gib` GiB disks.
+    pub async fn add_three(&mut self, root: &Path, disk_gib: u64) {
+        for (i, z) in ["z1", "z2", "z3"].iter().enumerate() {
+            self.add_node(root, i, z, disk_gib).await;
+        }
+    }
+
+    /// A CSI Node client of node `i`.
+    pub async fn node(&self, i: usize) -> NodeClient<Channel> {
+        NodeClient::new(uds_channel(&self.nodes[i].sock).await)
+    }
+
+    /// Replica directories of volume `id` on every node's disk.
+    pub fn replica_dirs(&self, id: &str) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for n in &self.nodes {
+            if let Ok(rd) = std::fs::read_dir(n.disk.join("replicas")) {
+                for e in rd {
+                    let p = e.unwrap().path();
+                    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                    if name.starts_with(&format!("{id}-r")) {
+                        v.push(p);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    pub async fn record(&mut self, id: &str) -> serde_json::Value {
+        let v = self
+            .manager
+            .get_volume(mapi::GetVolumeRequest {
+                volume_id: id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        serde_json::from_str(&v.volume_json).unwrap()
+    }
+}
+
+pub fn mount_cap(mode: csi::volume_capability::access_mode::Mode) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(csi::volume_capability::AccessType::Mount(
+            csi::volume_capability::MountVolume {
+                fs_type: "ext4".into(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            },
+        )),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn rwo() -> csi::VolumeCapability {
+    mount_cap(csi::volume_capability::access_mode::Mode::SingleNodeWriter)
+}
+
+pub fn create_req(name: &str, bytes: i64, params: &[(&str, &str)]) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![rwo()],
+        parameters: params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn count_volumes(c: &Ctl) -> usize {
+    c.controller()
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .len()
+}

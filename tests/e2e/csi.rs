@@ -1,0 +1,530 @@
+//! The CSI driver end to end, as kubelet and the sidecars drive it: a
+//! controller and three node processes (127.0.0.2-4, a disk directory
+//! each), volumes created with three replicas, published to a node (its
+//! engine starts there), staged (loop device over the engine's FUSE file,
+//! mkfs only when blank, mount), published into target paths (bind,
+//! read-only, raw block), and torn down in reverse. Data written through
+//! one node is read back through another after the volume moves.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use shorthorn::csi;
+use shorthorn::csi::volume_capability::access_mode::Mode;
+use shorthorn::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use tonic::Code;
+
+use super::cluster::csi::{connect, create_req, Ctl};
+use super::require_root;
+
+const MIB: u64 = 1 << 20;
+
+fn cap(fs: Option<&str>) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(match fs {
+            Some(fs) => AccessType::Mount(MountVolume {
+                fs_type: fs.into(),
+                mount_flags: vec!["noatime".into()],
+                volume_mount_group: String::new(),
+            }),
+            None => AccessType::Block(BlockVolume {}),
+        }),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+/// `findmnt`'s view of `path`: (fstype, options), or None when nothing is
+/// mounted exactly there.
+fn findmnt(path: &Path) -> Option<(String, String)> {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE,OPTIONS", "--mountpoint"])
+        .arg(path)
+        .output()
+        .expect("findmnt (util-linux) is needed");
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    let line = s.lines().last()?.trim().to_owned();
+    let (fs, opts) = line.split_once(char::is_whitespace)?;
+    Some((fs.to_owned(), opts.trim().to_owned()))
+}
+
+async fn cluster(dir: &Path) -> Ctl {
+    require_root();
+    let mut c = connect(dir).await;
+    c.add_three(dir, 10).await;
+    c
+}
+
+struct Paths {
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+fn paths(dir: &Path, vol: &str, node: usize) -> Paths {
+    let staging = dir.join(format!("kubelet-{node}/staging/{vol}"));
+    std::fs::create_dir_all(&staging).unwrap();
+    Paths {
+        staging,
+        target: dir.join(format!("kubelet-{node}/pods/{vol}/mount")),
+    }
+}
+
+async fn publish(
+    c: &Ctl,
+    vol: &str,
+    node: usize,
+    cap: &csi::VolumeCapability,
+) -> csi::ControllerPublishVolumeResponse {
+    c.controller()
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: format!("node-{node}"),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn stage(
+    c: &Ctl,
+    vol: &str,
+    node: usize,
+    p: &Paths,
+    cap: &csi::VolumeCapability,
+    ctx: &std::collections::HashMap<String, String>,
+) -> Result<(), tonic::Status> {
+    c.node(node)
+        .await
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: vol.into(),
+            publish_context: ctx.clone(),
+            staging_target_path: p.staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn node_publish(
+    c: &Ctl,
+    vol: &str,
+    node: usize,
+    p: &Paths,
+    target: &Path,
+    cap: &csi::VolumeCapability,
+    readonly: bool,
+) -> Result<(), tonic::Status> {
+    c.node(node)
+        .await
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: p.staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            readonly,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Unpublishes `targets`, unstages and controller-unpublishes, each twice
+/// (every step is idempotent).
+async fn tear_down(c: &Ctl, vol: &str, node: usize, p: &Paths, targets: &[&Path]) {
+    let mut n = c.node(node).await;
+    for t in targets {
+        for _ in 0..2 {
+            n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                target_path: t.display().to_string(),
+            })
+            .await
+            .unwrap();
+        }
+        assert!(!t.exists(), "{} left behind", t.display());
+    }
+    for _ in 0..2 {
+        n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: p.staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(findmnt(&p.staging), None, "staging path still mounted");
+    for _ in 0..2 {
+        c.controller()
+            .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+                volume_id: vol.into(),
+                node_id: format!("node-{node}"),
+                secrets: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8) ^ (i >> 12) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    let vol = "pvc-life";
+    c.controller()
+        .create_volume(create_req(vol, (256 * MIB) as i64, &[("fsType", "ext4")]))
+        .await
+        .unwrap();
+    let ext4 = cap(Some("ext4"));
+
+    // Publish: the engine starts on node-0; the volume is attached there.
+    let ctx = publish(&c, vol, 0, &ext4).await.publish_context;
+    assert_eq!(ctx.get(csi::CTX_FRONTEND).map(String::as_str), Some("fuse"));
+    assert_eq!(
+        publish(&c, vol, 0, &ext4).await.publish_context,
+        ctx,
+        "idempotent"
+    );
+    let rec = c.record(vol).await;
+    assert_eq!(rec["state"], "attached");
+    assert_eq!(rec["published_node"], "node-0");
+    let e = c
+        .controller()
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: "node-1".into(),
+            volume_capability: Some(ext4.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = c
+        .controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.into(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let listed = c
+        .controller()
+        .list_volumes(csi::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let st = listed.entries[0].status.as_ref().unwrap();
+    assert_eq!(st.published_node_ids, ["node-0"]);
+
+    // Stage: a blank device gets ext4; staging twice is the same.
+    let p = paths(dir.path(), vol, 0);
+    stage(&c, vol, 0, &p, &ext4, &ctx).await.unwrap();
+    stage(&c, vol, 0, &p, &ext4, &ctx).await.unwrap();
+    let (fs, opts) = findmnt(&p.staging).expect("staged");
+    assert_eq!(fs, "ext4");
+    assert!(opts.contains("noatime"), "mount flags applied: {opts}");
+
+    // Publish into a pod's directory, writable, and a second one read-only.
+    node_publish(&c, vol, 0, &p, &p.target, &ext4, false)
+        .await
+        .unwrap();
+    node_publish(&c, vol, 0, &p, &p.target, &ext4, false)
+        .await
+        .unwrap();
+    let ro = p.target.with_file_name("ro");
+    node_publish(&c, vol, 0, &p, &ro, &ext4, true)
+        .await
+        .unwrap();
+    let e = node_publish(&c, vol, 0, &p, &ro, &ext4, false)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::AlreadyExists,
+        "ro target republished rw: {e:?}"
+    );
+    let data = pattern(7, 3 * MIB as usize + 123);
+    write_file(&p.target.join("data.bin"), &data);
+    assert_eq!(std::fs::read(ro.join("data.bin")).unwrap(), data);
+    let e = std::fs::File::create(ro.join("nope")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+
+    // Stats: bytes and inodes of the filesystem; a healthy volume.
+    let stats = c
+        .node(0)
+        .await
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: vol.into(),
+            volume_path: p.target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = &stats.usage[0];
+    assert!(
+        bytes.total > (200 * MIB) as i64 && bytes.total <= (256 * MIB) as i64,
+        "{bytes:?}"
+    );
+    assert!(bytes.used >= data.len() as i64, "{bytes:?}");
+    assert!(
+        stats.usage[1].total > 0 && stats.usage[1].used > 0,
+        "inodes: {:?}",
+        stats.usage[1]
+    );
+    let cond = stats.volume_condition.unwrap();
+    assert!(!cond.abnormal, "{cond:?}");
+
+    tear_down(&c, vol, 0, &p, &[&p.target, &ro]).await;
+    let rec = c.record(vol).await;
+    assert_eq!(rec["state"], "detached");
+    assert!(rec["published_node"].is_null());
+
+    // The volume moves to node-2: the same filesystem with the same file,
+    // not reformatted.
+    let ctx = publish(&c, vol, 2, &ext4).await.publish_context;
+    let p2 = paths(dir.path(), vol, 2);
+    stage(&c, vol, 2, &p2, &ext4, &ctx).await.unwrap();
+    node_publish(&c, vol, 2, &p2, &p2.target, &ext4, false)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(p2.target.join("data.bin")).unwrap(), data);
+    tear_down(&c, vol, 2, &p2, &[&p2.target]).await;
+
+    // Asking for xfs on a device that holds ext4 is refused, and the data
+    // is untouched.
+    let xfs = cap(Some("xfs"));
+    let ctx = publish(&c, vol, 1, &xfs).await.publish_context;
+    let p1 = paths(dir.path(), vol, 1);
+    let e = stage(&c, vol, 1, &p1, &xfs, &ctx).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("ext4"), "{e:?}");
+    stage(&c, vol, 1, &p1, &ext4, &ctx).await.unwrap();
+    node_publish(&c, vol, 1, &p1, &p1.target, &ext4, false)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(p1.target.join("data.bin")).unwrap(), data);
+    tear_down(&c, vol, 1, &p1, &[&p1.target]).await;
+
+    c.controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.into(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        c.replica_dirs(vol).is_empty(),
+        "replica directories removed"
+    );
+    // Unpublishing a volume that is gone is fine.
+    c.controller()
+        .controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: "node-0".into(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xfs_and_raw_block_volumes_and_the_node_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    for v in ["pvc-xfs", "pvc-block"] {
+        c.controller()
+            .create_volume(create_req(v, (320 * MIB) as i64, &[]))
+            .await
+            .unwrap();
+    }
+
+    // Node calls refuse bad input before touching anything.
+    let xfs = cap(Some("xfs"));
+    let p = paths(dir.path(), "pvc-xfs", 1);
+    let mut n = c.node(1).await;
+    let no_ctx = std::collections::HashMap::new();
+    let e = stage(&c, "pvc-xfs", 1, &p, &xfs, &no_ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "no publish context: {e:?}");
+    let e = n
+        .node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: "pvc-xfs".into(),
+            staging_target_path: p.staging.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "no capability: {e:?}");
+    let ctx = std::collections::HashMap::from([(csi::CTX_FRONTEND.to_owned(), "fuse".to_owned())]);
+    let e = stage(&c, "pvc-xfs", 1, &p, &xfs, &ctx).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "not published here: {e:?}"
+    );
+    let e = stage(&c, "pvc-xfs", 1, &p, &cap(Some("btrfs")), &ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = n
+        .node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: "pvc-xfs".into(),
+            staging_target_path: p.staging.display().to_string(),
+            target_path: "relative/path".into(),
+            volume_capability: Some(xfs.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = node_publish(&c, "pvc-xfs", 1, &p, &p.target, &xfs, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "not staged: {e:?}");
+    let e = n
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "pvc-xfs".into(),
+            volume_path: dir.path().join("nowhere").display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Controller publish errors.
+    let mut ctl = c.controller();
+    for (req, code) in [
+        (
+            csi::ControllerPublishVolumeRequest {
+                volume_id: "pvc-xfs".into(),
+                volume_capability: Some(xfs.clone()),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::ControllerPublishVolumeRequest {
+                volume_id: "pvc-xfs".into(),
+                node_id: "node-1".into(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            csi::ControllerPublishVolumeRequest {
+                volume_id: "pvc-none".into(),
+                node_id: "node-1".into(),
+                volume_capability: Some(xfs.clone()),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+        (
+            csi::ControllerPublishVolumeRequest {
+                volume_id: "pvc-xfs".into(),
+                node_id: "node-9".into(),
+                volume_capability: Some(xfs.clone()),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+    ] {
+        let e = ctl.controller_publish_volume(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+    }
+    assert!(
+        c.record("pvc-xfs").await["published_node"].is_null(),
+        "refusals change nothing"
+    );
+
+    // xfs: made on the blank device, mounted, written, remounted intact.
+    let ctx = publish(&c, "pvc-xfs", 1, &xfs).await.publish_context;
+    stage(&c, "pvc-xfs", 1, &p, &xfs, &ctx).await.unwrap();
+    assert_eq!(findmnt(&p.staging).unwrap().0, "xfs");
+    node_publish(&c, "pvc-xfs", 1, &p, &p.target, &xfs, false)
+        .await
+        .unwrap();
+    let data = pattern(3, 5 * MIB as usize);
+    write_file(&p.target.join("f"), &data);
+    tear_down(&c, "pvc-xfs", 1, &p, &[&p.target]).await;
+    let ctx = publish(&c, "pvc-xfs", 1, &xfs).await.publish_context;
+    stage(&c, "pvc-xfs", 1, &p, &xfs, &ctx).await.unwrap();
+    node_publish(&c, "pvc-xfs", 1, &p, &p.target, &xfs, false)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(p.target.join("f")).unwrap(), data);
+    tear_down(&c, "pvc-xfs", 1, &p, &[&p.target]).await;
+
+    // Raw block: the device node itself appears at the target path.
+    let block = cap(None);
+    let pb = paths(dir.path(), "pvc-block", 0);
+    let ctx = publish(&c, "pvc-block", 0, &block).await.publish_context;
+    stage(&c, "pvc-block", 0, &pb, &block, &ctx).await.unwrap();
+    assert_eq!(
+        findmnt(&pb.staging),
+        None,
+        "a block volume has no staging mount"
+    );
+    let dev = pb.target.with_file_name("dev");
+    node_publish(&c, "pvc-block", 0, &pb, &dev, &block, false)
+        .await
+        .unwrap();
+    node_publish(&c, "pvc-block", 0, &pb, &dev, &block, false)
+        .await
+        .unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev)
+            .unwrap();
+        assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), 320 * MIB);
+        // O_DIRECT wants an aligned buffer: carve one out of a larger Vec.
+        let mut buf = vec![0u8; 2 * MIB as usize];
+        let off = buf.as_ptr().align_offset(4096);
+        let chunk = &mut buf[off..off + MIB as usize];
+        chunk.copy_from_slice(&pattern(9, MIB as usize));
+        f.seek(SeekFrom::Start(100 * MIB)).unwrap();
+        f.write_all(chunk).unwrap();
+        f.sync_all().unwrap();
+        chunk.fill(0);
+        f.seek(SeekFrom::Start(100 * MIB)).unwrap();
+        f.read_exact(chunk).unwrap();
+        assert_eq!(&*chunk, &pattern(9, MIB as usize)[..]);
+    }
+    let stats = c
+        .node(0)
+        .await
+        .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "pvc-block".into(),
+            volume_path: dev.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage[0].total, (320 * MIB) as i64);
+    tear_down(&c, "pvc-block", 0, &pb, &[&dev]).await;
+}
