@@ -358,7 +358,7 @@ impl Node {
             };
         };
         let status = async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", e.control))
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", e.spec.addr))
                 .map_err(|e| e.to_string())?
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .timeout(std::time::Duration::from_secs(5))

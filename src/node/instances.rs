@@ -1,6 +1,7 @@
 //! The instance manager: runs this node's replica and engine processes
 //! (this same binary in `replica` and `engine` modes), restarts one that
-//! dies, and stops it on request.
+//! dies, stops it on request, and finds them again after the node plugin
+//! itself restarts.
 //!
 //! A replica lives in `<disk>/replicas/<volume>-<name>`; it listens on the
 //! node's address with a port chosen when it starts and kept across its
@@ -9,14 +10,25 @@
 //! An engine serves its volume through the FUSE frontend as the file
 //! `<state>/engines/<volume>/volume` (NodeStage puts a loop device over
 //! it), and its control API on loopback with a port kept across restarts.
+//!
+//! Every instance has a record, `<state>/instances/<kind>.<volume>.<name>.json`,
+//! holding its exact command line. It is written (fsynced, renamed into
+//! place) before the process starts and removed only after the process is
+//! gone, so it always covers every process this node may have running.
+//! Processes run in their own process group and outlive a node plugin
+//! that is killed; [`Instances::recover`] reads the records when the node
+//! starts, adopts each process still running (found by its command line
+//! in `/proc`) and starts the ones that are not.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
 /// What the instance manager can refuse or fail at.
@@ -61,10 +73,12 @@ pub enum Error {
         /// The size asked for.
         want: u64,
     },
-    /// The directory could not be removed.
-    #[error("removing {path}: {cause}")]
-    Remove {
-        /// The directory.
+    /// A directory or record could not be written or removed.
+    #[error("{what} {path}: {cause}")]
+    Os {
+        /// The operation.
+        what: &'static str,
+        /// Its path.
         path: String,
         /// Why.
         cause: std::io::Error,
@@ -80,7 +94,7 @@ impl Error {
             Self::UnknownDisk(_) => K::NotFound,
             Self::SizeMismatch { .. } | Self::EngineMismatch { .. } => K::AlreadyExists,
             Self::Start { .. } => K::Unavailable,
-            Self::Remove { .. } => K::Io,
+            Self::Os { .. } => K::Io,
         }
     }
 }
@@ -94,6 +108,60 @@ pub fn is_label(s: &str) -> bool {
         && !s.starts_with('-')
 }
 
+/// Which binary mode an instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// `shorthorn replica`.
+    Replica,
+    /// `shorthorn engine`.
+    Engine,
+}
+
+/// What an instance is: everything needed to start it again, as stored in
+/// its record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Spec {
+    /// Replica or engine.
+    pub kind: Kind,
+    /// The volume.
+    pub volume: String,
+    /// The replica's name; `engine` for an engine.
+    pub name: String,
+    /// Volume size in bytes.
+    pub size: u64,
+    /// host:port it serves on (an engine's control API).
+    pub addr: String,
+    /// A replica's directory, or an engine's FUSE file.
+    pub path: PathBuf,
+    /// The arguments after the executable.
+    pub args: Vec<String>,
+}
+
+impl Spec {
+    fn key(&self) -> String {
+        key(self.kind, &self.volume, &self.name)
+    }
+}
+
+fn key(kind: Kind, volume: &str, name: &str) -> String {
+    let k = match kind {
+        Kind::Replica => "replica",
+        Kind::Engine => "engine",
+    };
+    // Volume ids and names are labels: no dots, so the key is unambiguous.
+    format!("{k}.{volume}.{name}")
+}
+
+/// A snapshot of one instance, for listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// What it is.
+    pub spec: Spec,
+    /// Whether its process is up now.
+    pub running: bool,
+}
+
 /// A process kept running by [`supervise`] until stopped.
 #[derive(Debug)]
 struct Supervised {
@@ -103,11 +171,19 @@ struct Supervised {
 }
 
 impl Supervised {
-    fn spawn(mut cmd: tokio::process::Command, label: String) -> Self {
-        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    /// Supervises `spec`'s process: the running one `adopted`, else a new
+    /// child of `exe`.
+    fn spawn(exe: &Path, spec: &Spec, adopted: Option<Pid>) -> Self {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.args(&spec.args)
+            .stdin(std::process::Stdio::null())
+            // Its own process group: a signal meant for the node plugin's
+            // group (a terminal's ^C) does not reach the volumes.
+            .process_group(0);
         let running = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = oneshot::channel();
-        let done = tokio::spawn(supervise(cmd, label, running.clone(), stop_rx));
+        let label = spec.key();
+        let done = tokio::spawn(supervise(cmd, label, running.clone(), stop_rx, adopted));
         Self {
             running,
             stop: Some(stop_tx),
@@ -131,52 +207,10 @@ impl Supervised {
     }
 }
 
-/// One running (or restarting) replica.
 #[derive(Debug)]
-struct Replica {
-    volume: String,
-    name: String,
-    dir: PathBuf,
-    addr: String,
-    size: u64,
+struct Instance {
+    spec: Spec,
     proc: Supervised,
-}
-
-/// One volume's engine.
-#[derive(Debug)]
-struct Engine {
-    size: u64,
-    control: String,
-    path: PathBuf,
-    proc: Supervised,
-}
-
-/// How a started engine is reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineInfo {
-    /// The volume.
-    pub volume: String,
-    /// The FUSE file serving the volume.
-    pub path: PathBuf,
-    /// host:port of its control API.
-    pub control: String,
-    /// Whether its process is up now.
-    pub running: bool,
-}
-
-/// A snapshot of one replica, for listing.
-#[derive(Debug, Clone)]
-pub struct InstanceInfo {
-    /// The volume.
-    pub volume: String,
-    /// The replica's name.
-    pub name: String,
-    /// Its directory.
-    pub dir: PathBuf,
-    /// host:port it serves on.
-    pub addr: String,
-    /// Whether its process is up now.
-    pub running: bool,
 }
 
 /// This node's instances.
@@ -186,9 +220,9 @@ pub struct Instances {
     ip: IpAddr,
     disks: Vec<PathBuf>,
     state: PathBuf,
-    replicas: Mutex<HashMap<String, Replica>>,
-    engines: Mutex<HashMap<String, Engine>>,
-    /// Serialises create/delete so two calls for one replica cannot race.
+    live: Mutex<BTreeMap<String, Instance>>,
+    /// Serialises starts and stops so two calls for one instance cannot
+    /// race.
     ops: tokio::sync::Mutex<()>,
 }
 
@@ -209,6 +243,9 @@ async fn wait_listening(addr: &str, deadline: Instant) -> bool {
 /// How long an engine may take to open its replicas and mount its
 /// frontend.
 const ENGINE_START: Duration = Duration::from_secs(30);
+
+/// How long a stopped process may take to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Waits until the engine's control API answers a status call: it serves
 /// that only once its frontend is mounted.
@@ -234,48 +271,131 @@ async fn wait_engine(control: &str, deadline: Instant) -> Result<(), String> {
     ))
 }
 
+/// A process this supervisor watches: its own child, or one adopted from
+/// a previous node plugin (not its child: it can only be polled).
+enum Live {
+    Child(tokio::process::Child),
+    Adopted(Pid),
+}
+
+impl Live {
+    fn pid(&self) -> Option<Pid> {
+        match self {
+            Self::Child(c) => c
+                .id()
+                .and_then(|p| i32::try_from(p).ok())
+                .map(Pid::from_raw),
+            Self::Adopted(p) => Some(*p),
+        }
+    }
+
+    /// Resolves when the process has exited.
+    async fn exited(&mut self) -> String {
+        match self {
+            Self::Child(c) => format!("{:?}", c.wait().await),
+            Self::Adopted(p) => {
+                while alive(*p) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                "exited (adopted process)".to_owned()
+            }
+        }
+    }
+
+    /// SIGTERM, which lets a replica close its files and an engine unmount
+    /// and flush; SIGKILL if it is still there after [`STOP_GRACE`].
+    async fn terminate(mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+        if tokio::time::timeout(STOP_GRACE, self.exited())
+            .await
+            .is_err()
+        {
+            if let Some(pid) = self.pid() {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+            let _ = self.exited().await;
+        }
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie waiting to be reaped).
+fn alive(pid: Pid) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state letter follows the parenthesised command name.
+    !matches!(
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next()),
+        Some('Z' | 'X') | None
+    )
+}
+
+/// Running processes by their arguments (after the executable), from
+/// `/proc/*/cmdline`.
+fn processes_by_args() -> BTreeMap<Vec<String>, Pid> {
+    let mut found = BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let mut argv: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if argv.last().is_some_and(String::is_empty) {
+            argv.pop();
+        }
+        if argv.len() > 1 && alive(Pid::from_raw(pid)) {
+            found.insert(argv.split_off(1), Pid::from_raw(pid));
+        }
+    }
+    found
+}
+
 /// Runs an instance's process until told to stop, restarting it when it
-/// exits on its own.
+/// exits on its own. `adopted` is a process already running it.
 async fn supervise(
     mut cmd: tokio::process::Command,
     label: String,
     running: Arc<AtomicBool>,
     mut stop: oneshot::Receiver<()>,
+    mut adopted: Option<Pid>,
 ) {
     loop {
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(instance = %label, error = %e, "cannot start; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = &mut stop => return,
+        let mut live = match adopted.take() {
+            Some(pid) => Live::Adopted(pid),
+            None => match cmd.spawn() {
+                Ok(c) => Live::Child(c),
+                Err(e) => {
+                    tracing::warn!(instance = %label, error = %e, "cannot start; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = &mut stop => return,
+                    }
                 }
-            }
+            },
         };
         running.store(true, Ordering::SeqCst);
         tokio::select! {
-            st = child.wait() => {
+            st = live.exited() => {
                 running.store(false, Ordering::SeqCst);
-                tracing::warn!(instance = %label, status = ?st, "exited; restarting");
+                tracing::warn!(instance = %label, status = %st, "exited; restarting");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = &mut stop => return,
                 }
             }
             _ = &mut stop => {
-                // SIGTERM lets a replica close its files and an engine
-                // unmount and flush; SIGKILL if it does not within ten
-                // seconds.
-                if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
-                }
-                if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
-                }
+                live.terminate().await;
                 running.store(false, Ordering::SeqCst);
                 return;
             }
@@ -283,19 +403,98 @@ async fn supervise(
     }
 }
 
+fn os(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.display().to_string();
+    move |cause| Error::Os { what, path, cause }
+}
+
 impl Instances {
     /// An instance manager starting `exe` for replicas serving on `ip`
-    /// over `disks`, and for engines whose files live under `state`.
+    /// over `disks`, and for engines; its records and engines' files live
+    /// under `state`.
     pub fn new(exe: PathBuf, ip: IpAddr, disks: Vec<PathBuf>, state: PathBuf) -> Self {
         Self {
             exe,
             ip,
             disks,
             state,
-            replicas: Mutex::new(HashMap::new()),
-            engines: Mutex::new(HashMap::new()),
+            live: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn records(&self) -> PathBuf {
+        self.state.join("instances")
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.records().join(format!("{key}.json"))
+    }
+
+    /// Writes `spec`'s record durably: a crash leaves the old record or
+    /// the new one, never a torn one.
+    fn save(&self, spec: &Spec) -> Result<(), Error> {
+        use std::io::Write;
+        let dir = self.records();
+        std::fs::create_dir_all(&dir).map_err(os("creating", &dir))?;
+        let path = self.record_path(&spec.key());
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(os("writing", &tmp))?;
+        f.write_all(&serde_json::to_vec_pretty(spec).expect("specs serialize"))
+            .and_then(|()| f.sync_all())
+            .map_err(os("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(os("renaming", &tmp))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(os("syncing", &dir))
+    }
+
+    fn forget(&self, key: &str) -> Result<(), Error> {
+        let path = self.record_path(key);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(os("removing", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads every record and makes its instance run again: adopts the
+    /// process still running it, or starts one. Called once when the node
+    /// starts, before it serves. Returns how many were adopted and started.
+    pub fn recover(&self) -> Result<(usize, usize), Error> {
+        let dir = self.records();
+        let rd = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+            r => r.map_err(os("listing", &dir))?,
+        };
+        let running = processes_by_args();
+        let (mut adopted, mut started) = (0, 0);
+        let mut live = self.live.lock().expect("poisoned");
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let spec: Spec = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(record = %path.display(), error = %e, "unreadable instance record; skipped");
+                    continue;
+                }
+            };
+            let pid = running.get(&spec.args).copied();
+            if pid.is_some() {
+                adopted += 1;
+            } else {
+                started += 1;
+            }
+            tracing::info!(instance = %spec.key(), adopted = pid.is_some(), "instance recovered");
+            let proc = Supervised::spawn(&self.exe, &spec, pid);
+            live.insert(spec.key(), Instance { spec, proc });
+        }
+        Ok((adopted, started))
     }
 
     fn replica_dir(&self, volume: &str, name: &str, disk: &str) -> Result<PathBuf, Error> {
@@ -315,6 +514,55 @@ impl Instances {
         Ok(disk.join("replicas").join(format!("{volume}-{name}")))
     }
 
+    fn get(&self, key: &str) -> Option<InstanceInfo> {
+        self.live
+            .lock()
+            .expect("poisoned")
+            .get(key)
+            .map(|i| InstanceInfo {
+                spec: i.spec.clone(),
+                running: i.proc.running(),
+            })
+    }
+
+    /// Records `spec`, starts its process and waits until `ready` says it
+    /// serves; on failure stops it and forgets it again.
+    async fn launch<F, Fut>(&self, spec: Spec, ready: F) -> Result<InstanceInfo, Error>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        self.save(&spec)?;
+        let proc = Supervised::spawn(&self.exe, &spec, None);
+        if let Err(cause) = ready(spec.addr.clone()).await {
+            proc.stop().await;
+            self.forget(&spec.key())?;
+            return Err(Error::Start {
+                name: spec.key(),
+                cause,
+            });
+        }
+        tracing::info!(volume.id = %spec.volume, instance = %spec.key(), addr = %spec.addr, "instance started");
+        let info = InstanceInfo {
+            spec: spec.clone(),
+            running: true,
+        };
+        self.live
+            .lock()
+            .expect("poisoned")
+            .insert(spec.key(), Instance { spec, proc });
+        Ok(info)
+    }
+
+    /// Stops the instance `key` if it runs and forgets it.
+    async fn halt(&self, key: &str) -> Result<(), Error> {
+        let i = self.live.lock().expect("poisoned").remove(key);
+        if let Some(i) = i {
+            i.proc.stop().await;
+        }
+        self.forget(key)
+    }
+
     /// Creates (or finds) the replica and makes sure its process runs;
     /// returns the address it serves on.
     pub async fn create_replica(
@@ -326,118 +574,92 @@ impl Instances {
     ) -> Result<String, Error> {
         let dir = self.replica_dir(volume, name, disk)?;
         let _op = self.ops.lock().await;
-        let key = format!("{volume}/{name}");
-        let existing = {
-            let map = self.replicas.lock().expect("poisoned");
-            map.get(&key).map(|r| (r.addr.clone(), r.size))
-        };
-        if let Some((addr, have)) = existing {
-            if have != size {
+        if let Some(i) = self.get(&key(Kind::Replica, volume, name)) {
+            if i.spec.size != size {
                 return Err(Error::SizeMismatch {
                     name: name.to_owned(),
-                    have,
+                    have: i.spec.size,
                     want: size,
                 });
             }
-            return Ok(addr);
+            return Ok(i.spec.addr);
         }
-        let fail = |cause: String| Error::Start {
+        let port = free_port(self.ip).map_err(|e| Error::Start {
             name: name.to_owned(),
-            cause,
-        };
-        let port = free_port(self.ip).map_err(|e| fail(e.to_string()))?;
+            cause: e.to_string(),
+        })?;
         let addr = std::net::SocketAddr::new(self.ip, port).to_string();
-        let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.arg("replica").arg("--dir").arg(&dir).args([
+        let args = [
+            "replica",
+            "--dir",
+            &dir.to_string_lossy(),
             "--size",
             &size.to_string(),
             "--listen",
             &addr,
             "--volume",
             volume,
-        ]);
-        let proc = Supervised::spawn(cmd, format!("replica {volume}/{name}"));
-        if !wait_listening(&addr, Instant::now() + Duration::from_secs(20)).await {
-            proc.stop().await;
-            return Err(fail(format!("did not start listening on {addr}")));
-        }
-        let r = Replica {
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let spec = Spec {
+            kind: Kind::Replica,
             volume: volume.to_owned(),
             name: name.to_owned(),
-            dir,
-            addr: addr.clone(),
             size,
-            proc,
+            addr,
+            path: dir,
+            args,
         };
-        tracing::info!(volume.id = %volume, replica.addr = %addr, replica = %name, "replica started");
-        self.replicas.lock().expect("poisoned").insert(key, r);
-        Ok(addr)
+        let info = self
+            .launch(spec, |addr| async move {
+                if wait_listening(&addr, Instant::now() + Duration::from_secs(20)).await {
+                    Ok(())
+                } else {
+                    Err(format!("did not start listening on {addr}"))
+                }
+            })
+            .await?;
+        Ok(info.spec.addr)
     }
 
     /// Stops the replica's process (if any) and removes its directory.
     pub async fn delete_replica(&self, volume: &str, name: &str, disk: &str) -> Result<(), Error> {
         let dir = self.replica_dir(volume, name, disk)?;
         let _op = self.ops.lock().await;
-        let r = self
-            .replicas
-            .lock()
-            .expect("poisoned")
-            .remove(&format!("{volume}/{name}"));
-        if let Some(r) = r {
-            r.proc.stop().await;
-        }
+        self.halt(&key(Kind::Replica, volume, name)).await?;
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(cause) => {
-                return Err(Error::Remove {
-                    path: dir.display().to_string(),
-                    cause,
-                })
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(os("removing", &dir)(e))
             }
+            _ => {}
         }
         tracing::info!(volume.id = %volume, replica = %name, "replica deleted");
         Ok(())
     }
 
-    /// Every replica this node runs.
+    /// Every instance this node runs, replicas then engines, by volume.
     pub fn list(&self) -> Vec<InstanceInfo> {
-        let mut v: Vec<_> = self
-            .replicas
+        self.live
             .lock()
             .expect("poisoned")
             .values()
-            .map(|r| InstanceInfo {
-                volume: r.volume.clone(),
-                name: r.name.clone(),
-                dir: r.dir.clone(),
-                addr: r.addr.clone(),
-                running: r.proc.running(),
+            .map(|i| InstanceInfo {
+                spec: i.spec.clone(),
+                running: i.proc.running(),
             })
-            .collect();
-        v.sort_by(|a, b| (&a.volume, &a.name).cmp(&(&b.volume, &b.name)));
-        v
+            .collect()
     }
 
     /// Stops every process (the node is shutting down): engines first, so
-    /// each flushes to replicas that still run.
+    /// each flushes to replicas that still run. The records stay, so the
+    /// node starts them again when it comes back.
     pub async fn stop_all(&self) {
-        let engines: Vec<Engine> = self
-            .engines
-            .lock()
-            .expect("poisoned")
-            .drain()
-            .map(|(_, e)| e)
-            .collect();
-        futures_util::future::join_all(engines.into_iter().map(|e| e.proc.stop())).await;
-        let all: Vec<Replica> = self
-            .replicas
-            .lock()
-            .expect("poisoned")
-            .drain()
-            .map(|(_, r)| r)
-            .collect();
-        futures_util::future::join_all(all.into_iter().map(|r| r.proc.stop())).await;
+        let all = std::mem::take(&mut *self.live.lock().expect("poisoned"));
+        let (engines, replicas): (Vec<_>, Vec<_>) =
+            all.into_values().partition(|i| i.spec.kind == Kind::Engine);
+        futures_util::future::join_all(engines.into_iter().map(|i| i.proc.stop())).await;
+        futures_util::future::join_all(replicas.into_iter().map(|i| i.proc.stop())).await;
     }
 
     /// The file the FUSE frontend of `volume`'s engine serves on this node.
@@ -458,105 +680,73 @@ impl Instances {
         volume: &str,
         size: u64,
         replicas: &[String],
-    ) -> Result<EngineInfo, Error> {
+    ) -> Result<InstanceInfo, Error> {
         let path = self.engine_file(volume)?;
         let _op = self.ops.lock().await;
-        if let Some(e) = self.engines.lock().expect("poisoned").get(volume) {
-            if e.size != size {
+        if let Some(i) = self.get(&key(Kind::Engine, volume, "engine")) {
+            if i.spec.size != size {
                 return Err(Error::EngineMismatch {
                     volume: volume.to_owned(),
-                    have: e.size,
+                    have: i.spec.size,
                     want: size,
                 });
             }
-            return Ok(EngineInfo {
-                volume: volume.to_owned(),
-                path: e.path.clone(),
-                control: e.control.clone(),
-                running: e.proc.running(),
-            });
+            return Ok(i);
         }
         let fail = |cause: String| Error::Start {
             name: format!("engine of {volume}"),
             cause,
         };
         let dir = crate::parent_dir(&path).expect("engine file has a directory");
-        std::fs::create_dir_all(dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(os("creating", dir))?;
         let lo = IpAddr::from([127, 0, 0, 1]);
         let control =
             std::net::SocketAddr::new(lo, free_port(lo).map_err(|e| fail(e.to_string()))?)
                 .to_string();
-        let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.arg("engine")
-            .args(["--volume", volume, "--size", &size.to_string()])
-            .args(["--control", &control, "--frontend", "fuse", "--path"])
-            .arg(&path);
+        let mut args = [
+            "engine",
+            "--volume",
+            volume,
+            "--size",
+            &size.to_string(),
+            "--control",
+            &control,
+            "--frontend",
+            "fuse",
+            "--path",
+            &path.to_string_lossy(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
         for r in replicas {
-            cmd.args(["--replica", r]);
+            args.extend(["--replica".to_owned(), r.clone()]);
         }
-        let proc = Supervised::spawn(cmd, format!("engine {volume}"));
-        if let Err(cause) = wait_engine(&control, Instant::now() + ENGINE_START).await {
-            proc.stop().await;
-            return Err(fail(cause));
-        }
-        tracing::info!(volume.id = %volume, control = %control, path = %path.display(), "engine started");
-        let info = EngineInfo {
+        let spec = Spec {
+            kind: Kind::Engine,
             volume: volume.to_owned(),
-            path: path.clone(),
-            control: control.clone(),
-            running: true,
+            name: "engine".to_owned(),
+            size,
+            addr: control,
+            path,
+            args,
         };
-        self.engines.lock().expect("poisoned").insert(
-            volume.to_owned(),
-            Engine {
-                size,
-                control,
-                path,
-                proc,
-            },
-        );
-        Ok(info)
+        self.launch(spec, |control| async move {
+            wait_engine(&control, Instant::now() + ENGINE_START).await
+        })
+        .await
     }
 
     /// Stops `volume`'s engine if it runs here.
     pub async fn stop_engine(&self, volume: &str) -> Result<(), Error> {
         self.engine_file(volume)?;
         let _op = self.ops.lock().await;
-        let e = self.engines.lock().expect("poisoned").remove(volume);
-        if let Some(e) = e {
-            e.proc.stop().await;
-            tracing::info!(volume.id = %volume, "engine stopped");
-        }
+        self.halt(&key(Kind::Engine, volume, "engine")).await?;
+        tracing::info!(volume.id = %volume, "engine stopped");
         Ok(())
     }
 
     /// The engine of `volume`, if this node runs one.
-    pub fn engine(&self, volume: &str) -> Option<EngineInfo> {
-        self.engines
-            .lock()
-            .expect("poisoned")
-            .get(volume)
-            .map(|e| EngineInfo {
-                volume: volume.to_owned(),
-                path: e.path.clone(),
-                control: e.control.clone(),
-                running: e.proc.running(),
-            })
-    }
-
-    /// Every engine this node runs.
-    pub fn engines(&self) -> Vec<EngineInfo> {
-        let mut v: Vec<_> = self
-            .engines
-            .lock()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .filter_map(|k| self.engine(&k))
-            .collect();
-        v.sort_by(|a, b| a.volume.cmp(&b.volume));
-        v
+    pub fn engine(&self, volume: &str) -> Option<InstanceInfo> {
+        self.get(&key(Kind::Engine, volume, "engine"))
     }
 }

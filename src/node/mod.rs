@@ -8,10 +8,10 @@
 //! Status (issue 5, in progress): replicas and engines are started,
 //! supervised and stopped on the controller's request; volumes are staged
 //! through the FUSE frontend and a loop device, formatted when blank,
-//! mounted and bind-published. Not yet: the iSCSI attach path, expansion,
-//! and adopting instances after a restart: a node stopped with SIGTERM
-//! stops its instances, but a SIGKILLed one leaves them running (so
-//! volumes keep serving), and today a restarted node does not find them.
+//! mounted and bind-published. A node plugin that is killed leaves its
+//! instances serving; when it starts again it adopts them (a SIGTERMed
+//! one stops them and starts them again when it comes back). Not yet: the
+//! iSCSI attach path and expansion.
 //!
 //! It starts replicas and engines as separate processes of this binary and
 //! must not import `crate::controller` (enforced by `tests/layering.rs`).
@@ -264,8 +264,8 @@ impl agent::agent_server::Agent for Arc<Node> {
             .map_err(|e| status(&e))?;
         Ok(Response::new(agent::StartEngineResponse {
             frontend: "fuse".into(),
-            path: e.path.display().to_string(),
-            control_address: e.control,
+            path: e.spec.path.display().to_string(),
+            control_address: e.spec.addr,
         }))
     }
 
@@ -293,27 +293,23 @@ impl agent::agent_server::Agent for Arc<Node> {
         &self,
         _r: Request<agent::ListInstancesRequest>,
     ) -> Result<Response<agent::ListInstancesResponse>, Status> {
-        let replicas = self.instances.list().into_iter().map(|i| agent::Instance {
-            kind: "replica".into(),
-            volume_id: i.volume,
-            name: i.name,
-            address: i.addr,
-            running: i.running,
-            path: i.dir.display().to_string(),
-        });
-        let engines = self
+        let instances = self
             .instances
-            .engines()
+            .list()
             .into_iter()
-            .map(|e| agent::Instance {
-                kind: "engine".into(),
-                name: "engine".into(),
-                volume_id: e.volume,
-                address: e.control,
-                running: e.running,
-                path: e.path.display().to_string(),
-            });
-        let instances = replicas.chain(engines).collect();
+            .map(|i| agent::Instance {
+                kind: match i.spec.kind {
+                    instances::Kind::Replica => "replica",
+                    instances::Kind::Engine => "engine",
+                }
+                .into(),
+                volume_id: i.spec.volume,
+                name: i.spec.name,
+                address: i.spec.addr,
+                running: i.running,
+                path: i.spec.path.display().to_string(),
+            })
+            .collect();
         Ok(Response::new(agent::ListInstancesResponse { instances }))
     }
 }
@@ -394,6 +390,14 @@ pub async fn run(
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
         cfg.state_dir.clone(),
     );
+    // Before serving: the processes a previous run of this node left (or
+    // that died with the machine) are found or started again.
+    let (adopted, started) = instances
+        .recover()
+        .map_err(|e| serve_err("recovering instances")(e.to_string()))?;
+    if adopted + started > 0 {
+        tracing::info!(adopted, started, "instances recovered");
+    }
     let node = Arc::new(Node {
         cfg,
         instances,

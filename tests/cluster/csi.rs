@@ -35,6 +35,45 @@ pub struct NodeProc {
     pub state: PathBuf,
     /// Its CSI socket.
     pub sock: PathBuf,
+    /// Its agent API, host:port.
+    pub agent: String,
+    /// Its command line, to start it again.
+    pub args: Vec<String>,
+}
+
+fn spawn_node(args: &[String]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+impl NodeProc {
+    /// SIGKILLs the node plugin (its instances keep running) and starts it
+    /// again with the same command line.
+    pub fn kill_and_restart(&mut self) {
+        self.proc.0.kill().unwrap();
+        self.proc.0.wait().unwrap();
+        self.proc = spawn_node(&self.args);
+    }
+
+    /// A client of its agent API (waits for it to answer).
+    pub async fn agent(&self) -> shorthorn::api::agent::agent_client::AgentClient<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ep = Channel::from_shared(format!("http://{}", self.agent)).unwrap();
+            match ep.connect().await {
+                Ok(c) => return shorthorn::api::agent::agent_client::AgentClient::new(c),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("agent {} never answered: {e}", self.agent),
+            }
+        }
+    }
 }
 
 impl Drop for NodeProc {
@@ -142,23 +181,25 @@ impl Ctl {
         let sock = root.join(format!("node-{i}.sock"));
         std::fs::create_dir_all(&disk).unwrap();
         let port = free_addr().rsplit_once(':').unwrap().1.to_owned();
-        let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-            .args(["node", "--node-id", &format!("node-{i}"), "--csi-endpoint"])
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--agent-listen", &format!("127.0.0.{}:{port}", i + 2)])
-            .args(["--controller", &self.manager_addr, "--zone", zone, "--disk"])
-            .arg(format!("{}:ssd={disk_gib}Gi", disk.display()))
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let agent = format!("127.0.0.{}:{port}", i + 2);
+        let mut args: Vec<String> = ["node", "--node-id", &format!("node-{i}"), "--csi-endpoint"]
+            .map(str::to_owned)
+            .to_vec();
+        args.push(format!("unix://{}", sock.display()));
+        args.extend(["--state-dir".to_owned(), state.display().to_string()]);
+        args.extend(["--agent-listen".to_owned(), agent.clone()]);
+        args.extend(
+            ["--controller", &self.manager_addr, "--zone", zone, "--disk"].map(str::to_owned),
+        );
+        args.push(format!("{}:ssd={disk_gib}Gi", disk.display()));
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         self.nodes.push(NodeProc {
-            proc: Proc(child),
+            proc: spawn_node(&args),
             disk,
             state,
             sock,
+            agent,
+            args,
         });
         let want = self.nodes.len();
         let deadline = Instant::now() + Duration::from_secs(20);

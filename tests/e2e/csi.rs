@@ -173,6 +173,28 @@ async fn tear_down(c: &Ctl, vol: &str, node: usize, p: &Paths, targets: &[&Path]
     }
 }
 
+async fn instances(c: &Ctl, node: usize) -> Vec<shorthorn::api::agent::Instance> {
+    c.nodes[node]
+        .agent()
+        .await
+        .list_instances(shorthorn::api::agent::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .instances
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn write_file(path: &Path, data: &[u8]) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(data).unwrap();
@@ -295,7 +317,54 @@ async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_anoth
     let cond = stats.volume_condition.unwrap();
     assert!(!cond.abnormal, "{cond:?}");
 
+    // The node plugin is SIGKILLed: the volume keeps serving; started
+    // again, the node adopts its engine and replica, and restarts the
+    // replica when it dies.
+    c.nodes[0].kill_and_restart();
+    let more = pattern(8, 64 * 1024);
+    write_file(&p.target.join("more.bin"), &more);
+    let listed = instances(&c, 0).await;
+    assert!(
+        listed
+            .iter()
+            .any(|i| i.kind == "engine" && i.volume_id == vol && i.running),
+        "engine adopted: {listed:?}"
+    );
+    let replica = listed
+        .iter()
+        .find(|i| i.kind == "replica" && i.volume_id == vol)
+        .expect("replica adopted")
+        .clone();
+    assert!(replica.running);
+    let out = Command::new("pkill")
+        .args(["-KILL", "-f", &format!("listen {}", replica.address)])
+        .status()
+        .unwrap();
+    assert!(
+        out.success(),
+        "the adopted replica process is found by its command line"
+    );
+    wait_for(
+        || std::net::TcpStream::connect(&replica.address).is_err(),
+        "replica to die",
+    );
+    wait_for(
+        || std::net::TcpStream::connect(&replica.address).is_ok(),
+        "replica to be restarted",
+    );
+    assert_eq!(std::fs::read(p.target.join("more.bin")).unwrap(), more);
+
     tear_down(&c, vol, 0, &p, &[&p.target, &ro]).await;
+    let engine_file = c.nodes[0].state.join("engines").join(vol).join("volume");
+    assert_eq!(
+        findmnt(&engine_file),
+        None,
+        "the engine's FUSE file is unmounted"
+    );
+    assert!(
+        instances(&c, 0).await.iter().all(|i| i.kind != "engine"),
+        "the adopted engine is stopped"
+    );
     let rec = c.record(vol).await;
     assert_eq!(rec["state"], "detached");
     assert!(rec["published_node"].is_null());
@@ -457,6 +526,37 @@ async fn xfs_and_raw_block_volumes_and_the_node_error_codes() {
         c.record("pvc-xfs").await["published_node"].is_null(),
         "refusals change nothing"
     );
+
+    // A node that takes one volume at a time refuses a second one.
+    c.add_node_with(dir.path(), 3, "z1", 10, &["--max-volumes", "1"])
+        .await;
+    let info = c
+        .node(3)
+        .await
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.max_volumes_per_node, 1);
+    publish(&c, "pvc-xfs", 3, &xfs).await;
+    let e = ctl
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: "pvc-block".into(),
+            node_id: "node-3".into(),
+            volume_capability: Some(cap(None)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(c.record("pvc-block").await["published_node"].is_null());
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: "pvc-xfs".into(),
+        node_id: "node-3".into(),
+        secrets: Default::default(),
+    })
+    .await
+    .unwrap();
 
     // xfs: made on the blank device, mounted, written, remounted intact.
     let ctx = publish(&c, "pvc-xfs", 1, &xfs).await.publish_context;
