@@ -61,3 +61,35 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixList
     }
     tokio::net::UnixListener::bind(path)
 }
+
+/// A tonic connector that dials the unix socket at `path`, as kubelet and
+/// the CSI sidecars reach a plugin: `Endpoint::connect_with_connector`.
+pub fn unix_dialer(path: std::path::PathBuf) -> UnixDialer {
+    UnixDialer(path)
+}
+
+/// See [`unix_dialer`].
+#[derive(Debug, Clone)]
+pub struct UnixDialer(std::path::PathBuf);
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for UnixDialer {
+    type Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>;
+    type Error = std::io::Error;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: tonic::codegen::http::Uri) -> Self::Future {
+        let p = self.0.clone();
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(p).await?,
+            ))
+        })
+    }
+}

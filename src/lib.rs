@@ -8,7 +8,8 @@
 //!   an iSCSI target (issue 4).
 //! - [`store`]: the cluster state's persistence (versioned records,
 //!   conditional transactions; embedded redb by default).
-//! - [`controller`], [`node`]: the CSI driver (issue 5), over [`csi`].
+//! - [`controller`], [`node`]: the CSI driver (issue 5), over [`csi`];
+//!   [`dev`] runs both behind one socket.
 //!
 //! See ARCHITECTURE.md for how a write travels through them.
 
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod controller;
 pub mod csi;
+pub mod dev;
 pub mod engine;
 pub mod error;
 pub mod failpoint;

@@ -1,5 +1,7 @@
 //! The `shorthorn` binary: one executable, one subcommand per mode.
 
+mod csi_cli;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -55,6 +57,27 @@ enum Mode {
     Controller(ControllerArgs),
     /// Serve one node: CSI Identity and Node, the agent API, its instances.
     Node(NodeArgs),
+    /// Run a controller and N nodes on this machine behind one CSI socket
+    /// serving Identity, Controller and Node (for trying shorthorn out and
+    /// for csi-sanity). Needs root for attaching and mounting.
+    Dev(DevArgs),
+    /// A CSI client: one subcommand per RPC of a volume's life, answers as
+    /// JSON (try it against `shorthorn dev`).
+    Csi(csi_cli::CsiArgs),
+}
+
+#[derive(Parser, Debug)]
+struct DevArgs {
+    /// Directory for everything: controller state, node disks, sockets.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// CSI endpoint, unix:///absolute/path.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    csi_endpoint: String,
+    /// Nodes to run (each on its own loopback address 127.0.0.N); volumes
+    /// get min(3, N) replicas unless their parameters say otherwise.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    nodes: u16,
 }
 
 #[derive(Parser, Debug)]
@@ -106,6 +129,9 @@ struct ControllerArgs {
     /// Directory of the controller's state (state.redb).
     #[arg(long, env = "SHORTHORN_DATA_DIR")]
     data_dir: PathBuf,
+    /// Replicas per volume when the StorageClass names no numberOfReplicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    default_replicas: u32,
 }
 
 #[derive(Parser, Debug)]
@@ -376,6 +402,10 @@ fn kind_of(e: &anyhow::Error) -> Option<ErrorKind> {
                 c.downcast_ref::<shorthorn::node::Error>()
                     .map(shorthorn::node::Error::kind)
             })
+            .or_else(|| {
+                c.downcast_ref::<shorthorn::dev::Error>()
+                    .map(shorthorn::dev::Error::kind)
+            })
             .or_else(|| c.downcast_ref::<Remote>().and_then(|r| r.kind))
             .or_else(|| {
                 c.downcast_ref::<tonic::transport::Error>()
@@ -394,6 +424,8 @@ fn run(cli: Cli) -> Result<()> {
         Mode::Engine(_) => "sh-engine",
         Mode::Controller(_) => "sh-controller",
         Mode::Node(_) => "sh-node",
+        Mode::Dev(_) => "sh-dev",
+        Mode::Csi(_) => "sh-ctl",
         Mode::ReplicaCtl(_) | Mode::EngineCtl(_) => "sh-ctl",
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -409,6 +441,12 @@ fn run(cli: Cli) -> Result<()> {
             Mode::EngineCtl(a) => run_engine_ctl(a).await,
             Mode::Controller(a) => run_controller(a).await,
             Mode::Node(a) => run_node(a).await,
+            Mode::Dev(a) => run_dev(a).await,
+            Mode::Csi(a) => {
+                let out = csi_cli::run(a).await.map_err(remote)?;
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(())
+            }
         }
     })
 }
@@ -429,8 +467,13 @@ async fn terminated() {
 }
 
 async fn run_controller(a: ControllerArgs) -> Result<()> {
-    let socket = shorthorn::controller::unix_endpoint(&a.csi_endpoint)?;
-    shorthorn::controller::run(&socket, a.listen, &a.data_dir, terminated()).await?;
+    let cfg = shorthorn::controller::Config {
+        csi_socket: shorthorn::controller::unix_endpoint(&a.csi_endpoint)?,
+        listen: a.listen,
+        data_dir: a.data_dir,
+        default_replicas: a.default_replicas,
+    };
+    shorthorn::controller::run(cfg, terminated()).await?;
     Ok(())
 }
 
@@ -448,6 +491,16 @@ async fn run_node(a: NodeArgs) -> Result<()> {
         state_dir: a.state_dir,
     };
     shorthorn::node::run(cfg, &socket, terminated()).await?;
+    Ok(())
+}
+
+async fn run_dev(a: DevArgs) -> Result<()> {
+    let cfg = shorthorn::dev::Config {
+        data_dir: a.data_dir,
+        socket: shorthorn::controller::unix_endpoint(&a.csi_endpoint)?,
+        nodes: usize::from(a.nodes),
+    };
+    shorthorn::dev::run(cfg, terminated()).await?;
     Ok(())
 }
 

@@ -16,8 +16,8 @@ const RULES: &[(&str, &[&str])] = &[
         "src/store",
         &["replica", "engine", "frontend", "controller", "node"],
     ),
-    ("src/controller", &["node"]),
-    ("src/node", &["controller"]),
+    ("src/controller", &["node", "dev"]),
+    ("src/node", &["controller", "dev"]),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -19,7 +19,7 @@ pub mod params;
 pub mod scheduler;
 pub mod service;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::csi;
@@ -66,21 +66,33 @@ pub fn unix_endpoint(endpoint: &str) -> Result<PathBuf, Error> {
     csi::unix_endpoint(endpoint).ok_or_else(|| Error::Endpoint(endpoint.to_owned()))
 }
 
-/// Runs the controller: CSI Identity + Controller on `csi_socket`, the
-/// manager API on `listen`, state in `data_dir/state.redb`; returns when
-/// `shutdown` resolves.
+/// What a controller is started with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where CSI Identity + Controller are served.
+    pub csi_socket: PathBuf,
+    /// Where the manager API listens.
+    pub listen: std::net::SocketAddr,
+    /// The directory of `state.redb`.
+    pub data_dir: PathBuf,
+    /// Replicas a volume gets when its StorageClass names no count.
+    pub default_replicas: u32,
+}
+
+/// Runs the controller: CSI Identity + Controller on `cfg.csi_socket`,
+/// the manager API on `cfg.listen`, state in `cfg.data_dir/state.redb`;
+/// returns when `shutdown` resolves.
 pub async fn run(
-    csi_socket: &Path,
-    listen: std::net::SocketAddr,
-    data_dir: &Path,
+    cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let (csi_socket, listen, data_dir) = (&*cfg.csi_socket, cfg.listen, &*cfg.data_dir);
     std::fs::create_dir_all(data_dir).map_err(|e| Error::Serve {
         what: format!("data directory {}", data_dir.display()),
         cause: e.to_string(),
     })?;
     let store: Arc<dyn Store> = Arc::new(Db::open(&data_dir.join("state.redb"))?);
-    let ctl = Arc::new(service::Controller::new(store));
+    let ctl = Arc::new(service::Controller::new(store, cfg.default_replicas));
     let uds = csi::bind_unix(csi_socket).map_err(|e| Error::Serve {
         what: format!("CSI socket {}", csi_socket.display()),
         cause: e.to_string(),

@@ -109,7 +109,13 @@ pub const MUTABLE: [&str; 2] = ["numberOfReplicas", "dataLocality"];
 impl VolumeParams {
     /// Parses CreateVolume `parameters` over the defaults.
     pub fn parse(p: &HashMap<String, String>) -> Result<Self, String> {
-        let mut v = Self::default();
+        Self::parse_over(Self::default(), p)
+    }
+
+    /// Parses CreateVolume `parameters` over `base` (the controller's
+    /// defaults).
+    pub fn parse_over(base: Self, p: &HashMap<String, String>) -> Result<Self, String> {
+        let mut v = base;
         let mut keys: Vec<_> = p.keys().collect();
         keys.sort();
         for k in keys {

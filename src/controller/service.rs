@@ -58,6 +58,8 @@ const CAPABILITIES: [Rpc; 7] = [
 pub struct Controller {
     store: Arc<dyn Store>,
     busy: Mutex<HashSet<String>>,
+    /// What a StorageClass that names no parameter gets.
+    defaults: VolumeParams,
 }
 
 /// Holds one volume's operation slot; frees it when dropped.
@@ -197,12 +199,21 @@ fn allowed_nodes(
 }
 
 impl Controller {
-    /// A controller over `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    /// A controller over `store`; volumes get `default_replicas` unless
+    /// their StorageClass says otherwise.
+    pub fn new(store: Arc<dyn Store>, default_replicas: u32) -> Self {
         Self {
             store,
             busy: Mutex::new(HashSet::new()),
+            defaults: VolumeParams {
+                replicas: default_replicas,
+                ..VolumeParams::default()
+            },
         }
+    }
+
+    fn params(&self, p: &HashMap<String, String>) -> Result<VolumeParams, Status> {
+        VolumeParams::parse_over(self.defaults.clone(), p).map_err(invalid)
     }
 
     fn begin(&self, key: &str) -> Result<Busy<'_>, Status> {
@@ -411,7 +422,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         }
         check_capabilities(&r.volume_capabilities)?;
         let size = size_for(r.capacity_range.as_ref())?;
-        let mut params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
+        let mut params = self.params(&r.parameters)?;
         params
             .apply_mutable(&r.mutable_parameters)
             .map_err(invalid)?;
@@ -799,7 +810,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         if !r.volume_capabilities.is_empty() {
             check_capabilities(&r.volume_capabilities)?;
         }
-        let params = VolumeParams::parse(&r.parameters).map_err(invalid)?;
+        let params = self.params(&r.parameters)?;
         let nodes = self.nodes()?;
         let allowed = r.accessible_topology.as_ref().map(|t| {
             nodes

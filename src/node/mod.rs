@@ -342,7 +342,8 @@ impl csi::identity_server::Identity for Arc<Node> {
 }
 
 /// Registers with the controller now and every [`HEARTBEAT`]; a failed
-/// attempt is logged and retried at the next beat.
+/// attempt is logged and retried after a second (so a node that starts
+/// before its controller joins as soon as the controller answers).
 async fn heartbeat(node: Arc<Node>) {
     let mut client: Option<manager::manager_client::ManagerClient<tonic::transport::Channel>> =
         None;
@@ -356,15 +357,26 @@ async fn heartbeat(node: Arc<Node>) {
                 }
             }
         }
-        if let Some(c) = client.as_mut() {
-            if let Err(e) = c.register_node(node.registration()).await {
-                tracing::warn!(node.id = %node.cfg.node_id, error = %e, "registration with the controller failed");
-                client = None;
+        let registered = match client.as_mut() {
+            Some(c) => match c.register_node(node.registration()).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(node.id = %node.cfg.node_id, error = %e, "registration with the controller failed");
+                    client = None;
+                    false
+                }
+            },
+            None => {
+                tracing::warn!(node.id = %node.cfg.node_id, controller = %node.cfg.controller, "controller unreachable");
+                false
             }
+        };
+        tokio::time::sleep(if registered {
+            HEARTBEAT
         } else {
-            tracing::warn!(node.id = %node.cfg.node_id, controller = %node.cfg.controller, "controller unreachable");
-        }
-        tokio::time::sleep(HEARTBEAT).await;
+            Duration::from_secs(1)
+        })
+        .await;
     }
 }
 

@@ -628,3 +628,176 @@ async fn xfs_and_raw_block_volumes_and_the_node_error_codes() {
     assert_eq!(stats.usage[0].total, (320 * MIB) as i64);
     tear_down(&c, "pvc-block", 0, &pb, &[&dev]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_serves_the_whole_driver_on_one_socket() {
+    use shorthorn::csi::controller_client::ControllerClient;
+    use shorthorn::csi::identity_client::IdentityClient;
+    use shorthorn::csi::node_client::NodeClient;
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("csi.sock");
+    let mut dev = super::cluster::Proc(
+        Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+            .args(["dev", "--nodes", "2", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--csi-endpoint")
+            .arg(format!("unix://{}", sock.display()))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ch = super::cluster::csi::uds_channel(&sock).await;
+    let (mut id, mut ctl, mut node) = (
+        IdentityClient::new(ch.clone()),
+        ControllerClient::new(ch.clone()),
+        NodeClient::new(ch),
+    );
+    assert_eq!(
+        id.get_plugin_info(csi::GetPluginInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .name,
+        csi::DRIVER_NAME
+    );
+    let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let info = node
+        .node_get_info(csi::NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "dev-0");
+    // Both nodes register before a two-replica volume can be placed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let vol = loop {
+        match ctl
+            .create_volume(create_req("pvc-dev", (64 * MIB) as i64, &[]))
+            .await
+        {
+            Ok(r) => break r.into_inner().volume.unwrap(),
+            Err(e)
+                if e.code() == Code::ResourceExhausted && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(vol.volume_context["numberOfReplicas"], "2", "min(3, nodes)");
+
+    // The bundled CLI drives the same socket: JSON answers, and a CSI
+    // error becomes the exit status of its kind with the driver's message.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+            .args(["csi", "--endpoint", &format!("unix://{}", sock.display())])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "create",
+        "pvc-cli",
+        "--size",
+        "32Mi",
+        "--param",
+        "numberOfReplicas=1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["capacity_bytes"], 32 * MIB);
+    let out = cli(&["list"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let out = cli(&["stage", "pvc-cli", "--staging-path", "/nonexistent/s"]);
+    assert_eq!(out.status.code(), Some(2), "INVALID_ARGUMENT is exit 2");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("publish_context"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "create",
+        "pvc-cli",
+        "--size",
+        "64Mi",
+        "--param",
+        "numberOfReplicas=1",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "ALREADY_EXISTS is exit 4");
+    assert!(cli(&["delete", "pvc-cli"]).status.success());
+    let ext4 = cap(Some("ext4"));
+    let ctx = ctl
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: info.node_id.clone(),
+            volume_capability: Some(ext4.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .publish_context;
+    let p = paths(dir.path(), &vol.volume_id, 0);
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        publish_context: ctx,
+        staging_target_path: p.staging.display().to_string(),
+        volume_capability: Some(ext4.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: p.staging.display().to_string(),
+        target_path: p.target.display().to_string(),
+        volume_capability: Some(ext4),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    write_file(&p.target.join("hello"), b"hello from dev mode\n");
+    assert_eq!(findmnt(&p.target).unwrap().0, "ext4");
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: p.target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: p.staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        node_id: info.node_id,
+        secrets: Default::default(),
+    })
+    .await
+    .unwrap();
+    ctl.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: vol.volume_id,
+        secrets: Default::default(),
+    })
+    .await
+    .unwrap();
+    // SIGTERM stops the whole cluster cleanly, leaving no process behind.
+    super::cluster::signal(&dev.0, nix::sys::signal::Signal::SIGTERM);
+    let st = dev.0.wait().unwrap();
+    assert!(st.success(), "dev exited with {st}");
+    let data = dir.path().join("data").display().to_string();
+    let left = Command::new("pgrep").args(["-f", &data]).output().unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "left running: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
