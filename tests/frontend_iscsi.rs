@@ -252,12 +252,40 @@ fn hostile_bytes_are_dropped_without_touching_the_volume() {
 #[test]
 fn iscsi_test_cu_passes_at_least_as_many_tests_as_tgt() {
     let t = Target::start(1, &[]);
-    let out = tool("iscsi-test-cu", &["--dataloss", "-s", &t.url(1)]);
+    let run = || tool("iscsi-test-cu", &["--dataloss", "-s", &t.url(1)]);
+    let summary = |out: &Output| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.trim_start().starts_with("tests "))
+            .map(str::to_owned)
+    };
+    let mut out = run();
+    if summary(&out).is_none() {
+        // Once, in a CI run on a loaded machine, the suite stopped during
+        // its two-initiator RESERVE(6) cases without a summary (cause not
+        // yet found: see the README's conformance notes). It is reported
+        // here and the suite run once more; a second stop fails the test.
+        let tail: Vec<_> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .take(5)
+            .map(str::to_owned)
+            .collect();
+        eprintln!(
+            "iscsi-test-cu stopped without a summary ({}); stderr: {}; last lines: {tail:?}; running it again",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out = run();
+    }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("tests "))
-        .unwrap_or_else(|| panic!("no summary in:\n{text}"));
+    let line = summary(&out).unwrap_or_else(|| {
+        panic!(
+            "no summary ({}; stderr: {}) in:\n{text}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     let n: Vec<u32> = line
         .split_whitespace()
         .skip(1)

@@ -43,7 +43,7 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const OVER_PROVISIONING: u64 = 200;
 
 /// Controller RPCs this build implements (and so advertises).
-const CAPABILITIES: [Rpc; 7] = [
+const CAPABILITIES: [Rpc; 8] = [
     Rpc::CreateDeleteVolume,
     Rpc::PublishUnpublishVolume,
     Rpc::ListVolumes,
@@ -51,6 +51,7 @@ const CAPABILITIES: [Rpc; 7] = [
     Rpc::GetCapacity,
     Rpc::GetVolume,
     Rpc::SingleNodeMultiWriter,
+    Rpc::ExpandVolume,
 ];
 
 /// The controller's shared state.
@@ -336,6 +337,30 @@ impl Controller {
         Ok(v)
     }
 
+    /// Whether every disk holding one of `v`'s replicas has room for it to
+    /// grow to `size` within the over-provisioning limit.
+    fn check_growth(&self, v: &VolumeRecord, size: u64) -> Result<(), Status> {
+        let nodes = self.nodes()?;
+        let scheduled = self.scheduled()?;
+        let growth = size - v.size;
+        for rep in &v.replicas {
+            let disk = nodes
+                .iter()
+                .find(|n| n.id == rep.node)
+                .and_then(|n| n.disks.iter().find(|d| d.path == rep.disk));
+            let room = disk.map_or(0, |d| {
+                scheduler::room_on(&rep.node, d, &scheduled, OVER_PROVISIONING)
+            });
+            if room < growth {
+                return Err(Status::out_of_range(format!(
+                    "replica {} on node {} ({}) has room to grow by {room} bytes, not {growth}",
+                    rep.name, rep.node, rep.disk
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn scheduler_request(
         p: &VolumeParams,
         size: u64,
@@ -393,11 +418,17 @@ impl csi::identity_server::Identity for Arc<Controller> {
         &self,
         _r: Request<csi::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<csi::GetPluginCapabilitiesResponse>, Status> {
-        use csi::plugin_capability::service::Type as S;
-        Ok(Response::new(csi::plugin_services(&[
-            S::ControllerService,
-            S::VolumeAccessibilityConstraints,
-        ])))
+        use csi::plugin_capability::{service::Type as S, volume_expansion, Type};
+        let mut caps =
+            csi::plugin_services(&[S::ControllerService, S::VolumeAccessibilityConstraints]);
+        caps.capabilities.push(csi::PluginCapability {
+            r#type: Some(Type::VolumeExpansion(
+                csi::plugin_capability::VolumeExpansion {
+                    r#type: volume_expansion::Type::Online as i32,
+                },
+            )),
+        });
+        Ok(Response::new(caps))
     }
 
     async fn probe(
@@ -881,9 +912,82 @@ impl csi::controller_server::Controller for Arc<Controller> {
 
     async fn controller_expand_volume(
         &self,
-        _r: Request<csi::ControllerExpandVolumeRequest>,
+        r: Request<csi::ControllerExpandVolumeRequest>,
     ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
-        Err(not_advertised("EXPAND_VOLUME"))
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        let range = r
+            .capacity_range
+            .as_ref()
+            .ok_or_else(|| invalid("capacity_range must be given"))?;
+        let size = size_for(Some(range))?;
+        if let Some(c) = &r.volume_capability {
+            check_capability(c).map_err(invalid)?;
+        }
+        // A raw block volume has no filesystem to grow; a published one
+        // still needs its node to see the new size.
+        let block = matches!(
+            r.volume_capability
+                .as_ref()
+                .and_then(|c| c.access_type.as_ref()),
+            Some(csi::volume_capability::AccessType::Block(_))
+        );
+        let _busy = self.begin(&r.volume_id)?;
+        let cur = VOLUMES
+            .get(&*self.store, &r.volume_id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let mut v = cur.value;
+        let answer = |v: &VolumeRecord| csi::ControllerExpandVolumeResponse {
+            capacity_bytes: i64::try_from(v.size).unwrap_or(i64::MAX),
+            node_expansion_required: !block || v.published_node.is_some(),
+        };
+        if size <= v.size {
+            return Ok(Response::new(answer(&v)));
+        }
+        if !matches!(
+            v.state,
+            VolumeState::Detached | VolumeState::Attached | VolumeState::Degraded
+        ) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is {}; it cannot grow now",
+                v.id,
+                format!("{:?}", v.state).to_lowercase()
+            )));
+        }
+        self.check_growth(&v, size)?;
+        if let Some(node) = v.published_node.clone() {
+            self.agent(&node)
+                .await?
+                .expand_engine(agent::ExpandEngineRequest {
+                    volume_id: v.id.clone(),
+                    size_bytes: size,
+                })
+                .await
+                .map_err(|e| agent_failed(&node, &e))?;
+        }
+        // Detached: each replica grows on its node. Attached: the engine
+        // grew them; this brings each node's record of the size along
+        // (growing to the current size changes nothing).
+        for rep in &v.replicas {
+            self.agent(&rep.node)
+                .await?
+                .expand_replica(agent::ExpandReplicaRequest {
+                    volume_id: v.id.clone(),
+                    replica_name: rep.name.clone(),
+                    size_bytes: size,
+                })
+                .await
+                .map_err(|e| agent_failed(&rep.node, &e))?;
+        }
+        v.size = size;
+        self.store
+            .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(cur.version))])
+            .map_err(store_status)?;
+        tracing::info!(volume.id = %v.id, size, "volume expanded");
+        Ok(Response::new(answer(&v)))
     }
 
     async fn controller_get_volume(

@@ -146,8 +146,16 @@ impl csi::node_server::Node for Arc<Node> {
         kernel(move || {
             let dev = mount::attach_loop(&file)?;
             if let Access::Mount { fs, flags } = access {
-                mount::format_if_blank(&dev, &fs)?;
+                let made = mount::format_if_blank(&dev, &fs)?;
+                let mounted = mount::mounted_at(&staging)?.is_some();
+                // A volume grown while detached: its filesystem grows now.
+                if !made && !mounted && fs == "ext4" {
+                    mount::grow_ext4_offline(&dev)?;
+                }
                 mount::mount_fs(&dev, &fs, &staging, &flags)?;
+                if !made && !mounted && fs == "xfs" {
+                    mount::grow_fs(&dev, &staging)?;
+                }
             }
             tracing::info!(volume.id = %volume, device = %dev.display(), node.id = %node.cfg.node_id, "volume staged");
             Ok(())
@@ -305,11 +313,59 @@ impl csi::node_server::Node for Arc<Node> {
 
     async fn node_expand_volume(
         &self,
-        _r: Request<csi::NodeExpandVolumeRequest>,
+        r: Request<csi::NodeExpandVolumeRequest>,
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume: EXPAND_VOLUME is not advertised by this build",
-        ))
+        let r = r.into_inner();
+        let volume = required("volume_id", &r.volume_id)?;
+        let path = absolute("volume_path", &r.volume_path)?;
+        let want = r
+            .capacity_range
+            .as_ref()
+            .map_or(0, |c| c.required_bytes.max(0).unsigned_abs());
+        let block = matches!(
+            r.volume_capability
+                .as_ref()
+                .and_then(|c| c.access_type.as_ref()),
+            Some(AccessType::Block(_))
+        );
+        let file = self.engine_file(volume)?;
+        let _busy = self.begin(volume)?;
+        if !path.exists() {
+            return Err(Status::not_found(format!(
+                "volume_path {} does not exist",
+                path.display()
+            )));
+        }
+        if mount::loop_of(&file)
+            .map_err(|e| mount_status(&e))?
+            .is_none()
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is not staged on this node"
+            )));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let volume = volume.to_owned();
+        kernel(move || {
+            let size = mount::refresh_loop(&file, want)?;
+            let dev = mount::loop_of(&file)?.unwrap_or_default();
+            if !block && path.is_dir() {
+                mount::grow_fs(&dev, &path)?;
+            }
+            tracing::info!(volume.id = %volume, size, "volume expanded on the node");
+            let _ = tx.send(size);
+            Ok(())
+        })
+        .await?;
+        let size = rx.await.map_err(|e| Status::internal(e.to_string()))?;
+        if size < want {
+            return Err(Status::out_of_range(format!(
+                "the device has {size} bytes, fewer than the {want} asked; grow the volume first (ControllerExpandVolume)"
+            )));
+        }
+        Ok(Response::new(csi::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+        }))
     }
 
     async fn node_get_capabilities(
@@ -320,6 +376,7 @@ impl csi::node_server::Node for Arc<Node> {
         let capabilities = [
             Type::StageUnstageVolume,
             Type::GetVolumeStats,
+            Type::ExpandVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
         ]

@@ -73,6 +73,19 @@ pub enum Error {
         /// The size asked for.
         want: u64,
     },
+    /// No such instance runs on this node.
+    #[error("{0} does not run on this node")]
+    NotHere(String),
+    /// The instance refused or failed an operation.
+    #[error("{what}: {cause}")]
+    Refused {
+        /// The operation.
+        what: String,
+        /// Why, in the instance's words.
+        cause: String,
+        /// Its kind.
+        kind: crate::error::ErrorKind,
+    },
     /// A directory or record could not be written or removed.
     #[error("{what} {path}: {cause}")]
     Os {
@@ -95,6 +108,8 @@ impl Error {
             Self::SizeMismatch { .. } | Self::EngineMismatch { .. } => K::AlreadyExists,
             Self::Start { .. } => K::Unavailable,
             Self::Os { .. } => K::Io,
+            Self::NotHere(_) => K::NotFound,
+            Self::Refused { kind, .. } => *kind,
         }
     }
 }
@@ -142,6 +157,33 @@ impl Spec {
     fn key(&self) -> String {
         key(self.kind, &self.volume, &self.name)
     }
+
+    /// The arguments to start it with now: a replica that exists already
+    /// starts without `--size` (which only creates), so one grown since
+    /// its record was written still opens.
+    fn command_args(&self) -> Vec<String> {
+        if self.kind == Kind::Replica && self.path.join(crate::replica::meta::VOLUME_META).exists()
+        {
+            without_size(&self.args)
+        } else {
+            self.args.clone()
+        }
+    }
+}
+
+/// `args` without its `--size N` pair: the size changes when a volume
+/// grows; the rest identifies the process.
+fn without_size(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--size" {
+            it.next();
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 fn key(kind: Kind, volume: &str, name: &str) -> String {
@@ -173,17 +215,16 @@ struct Supervised {
 impl Supervised {
     /// Supervises `spec`'s process: the running one `adopted`, else a new
     /// child of `exe`.
-    fn spawn(exe: &Path, spec: &Spec, adopted: Option<Pid>) -> Self {
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.args(&spec.args)
-            .stdin(std::process::Stdio::null())
-            // Its own process group: a signal meant for the node plugin's
-            // group (a terminal's ^C) does not reach the volumes.
-            .process_group(0);
+    fn spawn(exe: &Path, spec: Arc<Mutex<Spec>>, adopted: Option<Pid>) -> Self {
         let running = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = oneshot::channel();
-        let label = spec.key();
-        let done = tokio::spawn(supervise(cmd, label, running.clone(), stop_rx, adopted));
+        let done = tokio::spawn(supervise(
+            exe.to_path_buf(),
+            spec,
+            running.clone(),
+            stop_rx,
+            adopted,
+        ));
         Self {
             running,
             stop: Some(stop_tx),
@@ -209,8 +250,22 @@ impl Supervised {
 
 #[derive(Debug)]
 struct Instance {
-    spec: Spec,
+    /// Shared with its supervisor, which starts the process from it.
+    spec: Arc<Mutex<Spec>>,
     proc: Supervised,
+}
+
+impl Instance {
+    fn spec(&self) -> Spec {
+        self.spec.lock().expect("poisoned").clone()
+    }
+
+    fn info(&self) -> InstanceInfo {
+        InstanceInfo {
+            spec: self.spec(),
+            running: self.proc.running(),
+        }
+    }
 }
 
 /// This node's instances.
@@ -333,8 +388,8 @@ fn alive(pid: Pid) -> bool {
     )
 }
 
-/// Running processes by their arguments (after the executable), from
-/// `/proc/*/cmdline`.
+/// Running processes by their arguments (after the executable, without
+/// `--size`), from `/proc/*/cmdline`.
 fn processes_by_args() -> BTreeMap<Vec<String>, Pid> {
     let mut found = BTreeMap::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -355,7 +410,7 @@ fn processes_by_args() -> BTreeMap<Vec<String>, Pid> {
             argv.pop();
         }
         if argv.len() > 1 && alive(Pid::from_raw(pid)) {
-            found.insert(argv.split_off(1), Pid::from_raw(pid));
+            found.insert(without_size(&argv.split_off(1)), Pid::from_raw(pid));
         }
     }
     found
@@ -364,25 +419,30 @@ fn processes_by_args() -> BTreeMap<Vec<String>, Pid> {
 /// Runs an instance's process until told to stop, restarting it when it
 /// exits on its own. `adopted` is a process already running it.
 async fn supervise(
-    mut cmd: tokio::process::Command,
-    label: String,
+    exe: PathBuf,
+    spec: Arc<Mutex<Spec>>,
     running: Arc<AtomicBool>,
     mut stop: oneshot::Receiver<()>,
     mut adopted: Option<Pid>,
 ) {
+    let label = spec.lock().expect("poisoned").key();
     loop {
-        let mut live = match adopted.take() {
-            Some(pid) => Live::Adopted(pid),
-            None => match cmd.spawn() {
-                Ok(c) => Live::Child(c),
-                Err(e) => {
-                    tracing::warn!(instance = %label, error = %e, "cannot start; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = &mut stop => return,
-                    }
+        let spawned = match adopted.take() {
+            Some(pid) => Ok(Live::Adopted(pid)),
+            None => {
+                let mut cmd = command(&exe, &spec.lock().expect("poisoned"));
+                cmd.spawn().map(Live::Child)
+            }
+        };
+        let mut live = match spawned {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(instance = %label, error = %e, "cannot start; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = &mut stop => return,
                 }
-            },
+            }
         };
         running.store(true, Ordering::SeqCst);
         tokio::select! {
@@ -401,6 +461,17 @@ async fn supervise(
             }
         }
     }
+}
+
+/// The command starting `spec` now.
+fn command(exe: &Path, spec: &Spec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(spec.command_args())
+        .stdin(std::process::Stdio::null())
+        // Its own process group: a signal meant for the node plugin's
+        // group (a terminal's ^C) does not reach the volumes.
+        .process_group(0);
+    cmd
 }
 
 fn os(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -484,15 +555,17 @@ impl Instances {
                     continue;
                 }
             };
-            let pid = running.get(&spec.args).copied();
+            let pid = running.get(&without_size(&spec.args)).copied();
             if pid.is_some() {
                 adopted += 1;
             } else {
                 started += 1;
             }
             tracing::info!(instance = %spec.key(), adopted = pid.is_some(), "instance recovered");
-            let proc = Supervised::spawn(&self.exe, &spec, pid);
-            live.insert(spec.key(), Instance { spec, proc });
+            let key = spec.key();
+            let spec = Arc::new(Mutex::new(spec));
+            let proc = Supervised::spawn(&self.exe, spec.clone(), pid);
+            live.insert(key, Instance { spec, proc });
         }
         Ok((adopted, started))
     }
@@ -519,10 +592,24 @@ impl Instances {
             .lock()
             .expect("poisoned")
             .get(key)
-            .map(|i| InstanceInfo {
-                spec: i.spec.clone(),
-                running: i.proc.running(),
-            })
+            .map(Instance::info)
+    }
+
+    /// Changes the record of instance `key` with `f` (durably) and the
+    /// spec its supervisor restarts it from.
+    fn update(&self, key: &str, f: impl FnOnce(&mut Spec)) -> Result<(), Error> {
+        let shared = self
+            .live
+            .lock()
+            .expect("poisoned")
+            .get(key)
+            .map(|i| i.spec.clone())
+            .ok_or_else(|| Error::NotHere(key.to_owned()))?;
+        let mut next = shared.lock().expect("poisoned").clone();
+        f(&mut next);
+        self.save(&next)?;
+        *shared.lock().expect("poisoned") = next;
+        Ok(())
     }
 
     /// Records `spec`, starts its process and waits until `ready` says it
@@ -533,7 +620,8 @@ impl Instances {
         Fut: std::future::Future<Output = Result<(), String>>,
     {
         self.save(&spec)?;
-        let proc = Supervised::spawn(&self.exe, &spec, None);
+        let shared = Arc::new(Mutex::new(spec.clone()));
+        let proc = Supervised::spawn(&self.exe, shared.clone(), None);
         if let Err(cause) = ready(spec.addr.clone()).await {
             proc.stop().await;
             self.forget(&spec.key())?;
@@ -550,7 +638,7 @@ impl Instances {
         self.live
             .lock()
             .expect("poisoned")
-            .insert(spec.key(), Instance { spec, proc });
+            .insert(spec.key(), Instance { spec: shared, proc });
         Ok(info)
     }
 
@@ -644,10 +732,7 @@ impl Instances {
             .lock()
             .expect("poisoned")
             .values()
-            .map(|i| InstanceInfo {
-                spec: i.spec.clone(),
-                running: i.proc.running(),
-            })
+            .map(Instance::info)
             .collect()
     }
 
@@ -656,8 +741,9 @@ impl Instances {
     /// node starts them again when it comes back.
     pub async fn stop_all(&self) {
         let all = std::mem::take(&mut *self.live.lock().expect("poisoned"));
-        let (engines, replicas): (Vec<_>, Vec<_>) =
-            all.into_values().partition(|i| i.spec.kind == Kind::Engine);
+        let (engines, replicas): (Vec<_>, Vec<_>) = all
+            .into_values()
+            .partition(|i| i.spec().kind == Kind::Engine);
         futures_util::future::join_all(engines.into_iter().map(|i| i.proc.stop())).await;
         futures_util::future::join_all(replicas.into_iter().map(|i| i.proc.stop())).await;
     }
@@ -742,6 +828,68 @@ impl Instances {
         let _op = self.ops.lock().await;
         self.halt(&key(Kind::Engine, volume, "engine")).await?;
         tracing::info!(volume.id = %volume, "engine stopped");
+        Ok(())
+    }
+
+    /// Grows replica `name` of `volume` (no engine serving it) to `size`.
+    pub async fn expand_replica(&self, volume: &str, name: &str, size: u64) -> Result<(), Error> {
+        let key = key(Kind::Replica, volume, name);
+        let _op = self.ops.lock().await;
+        let info = self.get(&key).ok_or_else(|| Error::NotHere(key.clone()))?;
+        let refused = |e: crate::replica::client::ClientError| Error::Refused {
+            what: format!("growing {key} to {size} bytes"),
+            kind: e.kind(),
+            cause: e.to_string(),
+        };
+        let c = crate::replica::client::Client::connect(&info.spec.addr)
+            .await
+            .map_err(refused)?;
+        let r = c.expand(size).await.map_err(refused);
+        c.shutdown();
+        r?;
+        self.update(&key, |s| s.size = size)?;
+        tracing::info!(volume.id = %volume, replica = %name, size, "replica grown");
+        Ok(())
+    }
+
+    /// Grows `volume` online through its engine here to `size`; the engine
+    /// restarts with the new size from then on.
+    pub async fn expand_engine(&self, volume: &str, size: u64) -> Result<(), Error> {
+        use crate::engine::control::{pb, EngineClient};
+        let key = key(Kind::Engine, volume, "engine");
+        let _op = self.ops.lock().await;
+        let info = self.get(&key).ok_or_else(|| Error::NotHere(key.clone()))?;
+        let refused = |kind: crate::error::ErrorKind, cause: String| Error::Refused {
+            what: format!("growing {volume} to {size} bytes"),
+            kind,
+            cause,
+        };
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", info.spec.addr))
+            .map_err(|e| refused(crate::error::ErrorKind::InvalidArgument, e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .map_err(|e| refused(crate::error::ErrorKind::Unavailable, e.to_string()))?;
+        EngineClient::new(ch)
+            .expand(pb::ExpandRequest { size_bytes: size })
+            .await
+            .map_err(|e| {
+                refused(
+                    crate::error::ErrorKind::from_grpc(e.code())
+                        .unwrap_or(crate::error::ErrorKind::Io),
+                    e.message().to_owned(),
+                )
+            })?;
+        self.update(&key, |s| {
+            s.size = size;
+            if let Some(i) = s.args.iter().position(|a| a == "--size") {
+                if let Some(v) = s.args.get_mut(i + 1) {
+                    *v = size.to_string();
+                }
+            }
+        })?;
+        tracing::info!(volume.id = %volume, size, "volume grown online");
         Ok(())
     }
 

@@ -170,6 +170,17 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// Volume sizes the agent accepts: positive multiples of 4 KiB.
+#[allow(clippy::result_large_err)]
+fn check_size(size: u64) -> Result<(), Status> {
+    if size == 0 || size % 4096 != 0 {
+        return Err(Status::invalid_argument(format!(
+            "size_bytes {size} must be a positive multiple of 4096"
+        )));
+    }
+    Ok(())
+}
+
 fn status(e: &instances::Error) -> Status {
     Status::new(e.kind().grpc_code(), e.to_string())
 }
@@ -215,12 +226,7 @@ impl agent::agent_server::Agent for Arc<Node> {
         r: Request<agent::CreateReplicaRequest>,
     ) -> Result<Response<agent::CreateReplicaResponse>, Status> {
         let r = r.into_inner();
-        if r.size_bytes == 0 || r.size_bytes % 4096 != 0 {
-            return Err(Status::invalid_argument(format!(
-                "size_bytes {} must be a positive multiple of 4096",
-                r.size_bytes
-            )));
-        }
+        check_size(r.size_bytes)?;
         let address = self
             .instances
             .create_replica(&r.volume_id, &r.replica_name, &r.disk_path, r.size_bytes)
@@ -246,12 +252,7 @@ impl agent::agent_server::Agent for Arc<Node> {
         r: Request<agent::StartEngineRequest>,
     ) -> Result<Response<agent::StartEngineResponse>, Status> {
         let r = r.into_inner();
-        if r.size_bytes == 0 || r.size_bytes % 4096 != 0 {
-            return Err(Status::invalid_argument(format!(
-                "size_bytes {} must be a positive multiple of 4096",
-                r.size_bytes
-            )));
-        }
+        check_size(r.size_bytes)?;
         if r.replica_addresses.is_empty() {
             return Err(Status::invalid_argument(
                 "replica_addresses must name at least one replica",
@@ -287,6 +288,32 @@ impl agent::agent_server::Agent for Arc<Node> {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(agent::StopEngineResponse {}))
+    }
+
+    async fn expand_replica(
+        &self,
+        r: Request<agent::ExpandReplicaRequest>,
+    ) -> Result<Response<agent::ExpandReplicaResponse>, Status> {
+        let r = r.into_inner();
+        check_size(r.size_bytes)?;
+        self.instances
+            .expand_replica(&r.volume_id, &r.replica_name, r.size_bytes)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::ExpandReplicaResponse {}))
+    }
+
+    async fn expand_engine(
+        &self,
+        r: Request<agent::ExpandEngineRequest>,
+    ) -> Result<Response<agent::ExpandEngineResponse>, Status> {
+        let r = r.into_inner();
+        check_size(r.size_bytes)?;
+        self.instances
+            .expand_engine(&r.volume_id, r.size_bytes)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::ExpandEngineResponse {}))
     }
 
     async fn list_instances(

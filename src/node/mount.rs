@@ -52,6 +52,13 @@ pub enum Error {
         /// What should be.
         want: String,
     },
+    /// The kernel refuses to grow a mounted ext4 here: online resizing
+    /// needs CAP_SYS_RESOURCE, which this node plugin lacks.
+    #[error("growing the mounted ext4 on {device} needs CAP_SYS_RESOURCE, which this node plugin lacks; it grows the next time the volume is staged (or give the plugin that capability)")]
+    NoOnlineGrow {
+        /// The device.
+        device: String,
+    },
     /// A file or directory operation failed.
     #[error("{what} {path}: {cause}")]
     Os {
@@ -69,7 +76,7 @@ impl Error {
     pub fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind as K;
         match self {
-            Self::Occupied { .. } => K::FailedPrecondition,
+            Self::Occupied { .. } | Self::NoOnlineGrow { .. } => K::FailedPrecondition,
             Self::Mismatch { .. } => K::AlreadyExists,
             Self::Tool { .. } | Self::Missing { .. } | Self::Os { .. } => K::Io,
         }
@@ -349,6 +356,95 @@ pub fn bind(source: &Path, target: &Path, read_only: bool, flags: &[String]) -> 
             return Err(e);
         }
     }
+    Ok(())
+}
+
+/// Makes the loop device over `file` take the file's current size, once
+/// the file shows at least `want` bytes (the FUSE file's size reaches the
+/// kernel when its cached attributes expire, within a second or two).
+pub fn refresh_loop(file: &Path, want: u64) -> Result<u64, Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let len = std::fs::metadata(file).map_err(os("reading", file))?.len();
+        if len >= want || std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let dev = loop_of(file)?.ok_or_else(|| Error::Os {
+        what: "finding the loop device over",
+        path: file.display().to_string(),
+        cause: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    run("losetup", &["--set-capacity", &dev.to_string_lossy()])?;
+    device_size(&dev)
+}
+
+/// The size of block device `dev` in bytes.
+pub fn device_size(dev: &Path) -> Result<u64, Error> {
+    use std::io::Seek;
+    std::fs::File::open(dev)
+        .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
+        .map_err(os("sizing", dev))
+}
+
+/// Grows the filesystem mounted at `mountpoint` (on `dev`) to fill the
+/// device, online.
+pub fn grow_fs(dev: &Path, mountpoint: &Path) -> Result<(), Error> {
+    let m = mounted_at(mountpoint)?.ok_or_else(|| Error::Os {
+        what: "finding the filesystem mounted at",
+        path: mountpoint.display().to_string(),
+        cause: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    match m.fstype.as_str() {
+        "xfs" => run("xfs_growfs", &[&mountpoint.to_string_lossy()])?,
+        _ => match run("resize2fs", &[&dev.to_string_lossy()]) {
+            Err(Error::Tool { stderr, .. }) if stderr.contains("Permission denied") => {
+                return Err(Error::NoOnlineGrow {
+                    device: dev.display().to_string(),
+                })
+            }
+            r => r?,
+        },
+    };
+    tracing::info!(device = %dev.display(), fs = %m.fstype, "filesystem grown");
+    Ok(())
+}
+
+/// Grows an unmounted ext4 on `device` to fill it, if the device grew
+/// since the filesystem was made or last grown (offline growth needs no
+/// special capability, and `resize2fs` wants a checked filesystem first).
+pub fn grow_ext4_offline(device: &Path) -> Result<(), Error> {
+    let d = device.to_string_lossy();
+    let head = run("dumpe2fs", &["-h", &d])?;
+    let field = |k: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let (Some(blocks), Some(bsize)) = (field("Block count:"), field("Block size:")) else {
+        return Ok(());
+    };
+    // Less than a MiB of slack is not worth a check and a resize.
+    if device_size(device)? < blocks * bsize + (1 << 20) {
+        return Ok(());
+    }
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-p", &d])
+        .output()
+        .map_err(|cause| Error::Missing {
+            cmd: "e2fsck".into(),
+            cause,
+        })?;
+    // 0: clean; 1: errors corrected. Anything else is for a human.
+    if !matches!(fsck.status.code(), Some(0 | 1)) {
+        return Err(Error::Tool {
+            cmd: format!("e2fsck -f -p {d}"),
+            stderr: String::from_utf8_lossy(&fsck.stdout).trim().to_owned(),
+        });
+    }
+    run("resize2fs", &[&d])?;
+    tracing::info!(device = %d, "ext4 grown before mounting");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use shorthorn::csi::volume_capability::access_mode::Mode;
 use shorthorn::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tonic::Code;
 
-use super::cluster::csi::{connect, create_req, Ctl};
+use super::cluster::csi::{connect, create_req, Ctl, GIB};
 use super::require_root;
 
 const MIB: u64 = 1 << 20;
@@ -800,4 +800,218 @@ async fn dev_mode_serves_the_whole_driver_on_one_socket() {
         "left running: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+}
+
+async fn expand(
+    c: &Ctl,
+    vol: &str,
+    bytes: u64,
+) -> Result<csi::ControllerExpandVolumeResponse, tonic::Status> {
+    c.controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: vol.into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn node_expand(
+    c: &Ctl,
+    vol: &str,
+    node: usize,
+    path: &Path,
+    bytes: u64,
+) -> Result<i64, tonic::Status> {
+    c.node(node)
+        .await
+        .node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: vol.into(),
+            volume_path: path.display().to_string(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: bytes as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().capacity_bytes)
+}
+
+/// Whether this process may grow a mounted ext4 (CAP_SYS_RESOURCE, bit
+/// 24 of the effective set; the node plugin it starts has the same).
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    eff >> 24 & 1 == 1
+}
+
+fn fs_bytes(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks() * s.fragment_size()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_grow_online_and_offline_with_their_filesystems() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    for (i, fs) in ["ext4", "xfs"].into_iter().enumerate() {
+        let vol = format!("pvc-grow-{fs}");
+        c.controller()
+            .create_volume(create_req(&vol, (320 * MIB) as i64, &[]))
+            .await
+            .unwrap();
+        let cap = cap(Some(fs));
+        let ctx = publish(&c, &vol, i, &cap).await.publish_context;
+        let p = paths(dir.path(), &vol, i);
+        stage(&c, &vol, i, &p, &cap, &ctx).await.unwrap();
+        node_publish(&c, &vol, i, &p, &p.target, &cap, false)
+            .await
+            .unwrap();
+        let data = pattern(i as u8, 2 * MIB as usize);
+        write_file(&p.target.join("keep"), &data);
+        let before = fs_bytes(&p.target);
+
+        // Online: the engine grows every replica; the node grows the
+        // device and the mounted filesystem.
+        let r = expand(&c, &vol, 640 * MIB).await.unwrap();
+        assert_eq!(
+            (r.capacity_bytes, r.node_expansion_required),
+            ((640 * MIB) as i64, true)
+        );
+        assert_eq!(c.record(&vol).await["size"], 640 * MIB);
+        let online = node_expand(&c, &vol, i, &p.target, 640 * MIB).await;
+        // Growing a mounted ext4 takes CAP_SYS_RESOURCE (containers often
+        // drop it); without it the node says so, and the filesystem grows
+        // when the volume is next staged.
+        if fs == "ext4" && !has_cap_sys_resource() {
+            let e = online.unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains("CAP_SYS_RESOURCE"), "{e:?}");
+            assert_eq!(fs_bytes(&p.target), before, "nothing changed");
+            tear_down(&c, &vol, i, &p, &[&p.target]).await;
+            let ctx = publish(&c, &vol, i, &cap).await.publish_context;
+            stage(&c, &vol, i, &p, &cap, &ctx).await.unwrap();
+            node_publish(&c, &vol, i, &p, &p.target, &cap, false)
+                .await
+                .unwrap();
+        } else {
+            assert_eq!(online.unwrap(), (640 * MIB) as i64);
+        }
+        let after = fs_bytes(&p.target);
+        assert!(after > before + 250 * MIB, "{fs}: {before} -> {after}");
+        assert_eq!(std::fs::read(p.target.join("keep")).unwrap(), data);
+        // Repeating either call, or asking for less, changes nothing.
+        assert_eq!(
+            expand(&c, &vol, 400 * MIB).await.unwrap().capacity_bytes,
+            (640 * MIB) as i64
+        );
+        assert_eq!(
+            node_expand(&c, &vol, i, &p.target, 640 * MIB)
+                .await
+                .unwrap(),
+            (640 * MIB) as i64
+        );
+        let big = data.len() as u64 + 400 * MIB;
+        let mut f = std::fs::File::create(p.target.join("big")).unwrap();
+        let chunk = pattern(1, MIB as usize);
+        for _ in 0..(big / MIB) {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+        drop(f);
+        std::fs::remove_file(p.target.join("big")).unwrap();
+        tear_down(&c, &vol, i, &p, &[&p.target]).await;
+
+        // Offline: the replicas grow where they rest; a replica process
+        // restarted afterwards still opens; the filesystem grows at the
+        // next stage.
+        let r = expand(&c, &vol, 960 * MIB).await.unwrap();
+        assert!(r.node_expansion_required);
+        let node_of_r0 = c.record(&vol).await["replicas"][0]["node"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let n: usize = node_of_r0.trim_start_matches("node-").parse().unwrap();
+        let listed = instances(&c, n).await;
+        let r0 = listed
+            .iter()
+            .find(|x| x.kind == "replica" && x.volume_id == vol)
+            .unwrap()
+            .clone();
+        let killed = Command::new("pkill")
+            .args(["-KILL", "-f", &format!("listen {}", r0.address)])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        wait_for(
+            || std::net::TcpStream::connect(&r0.address).is_err(),
+            "replica to die",
+        );
+        wait_for(
+            || std::net::TcpStream::connect(&r0.address).is_ok(),
+            "replica to restart at its grown size",
+        );
+        let ctx = publish(&c, &vol, i, &cap).await.publish_context;
+        stage(&c, &vol, i, &p, &cap, &ctx).await.unwrap();
+        node_publish(&c, &vol, i, &p, &p.target, &cap, false)
+            .await
+            .unwrap();
+        assert_eq!(
+            node_expand(&c, &vol, i, &p.target, 960 * MIB)
+                .await
+                .unwrap(),
+            (960 * MIB) as i64
+        );
+        assert!(
+            fs_bytes(&p.target) > 850 * MIB,
+            "{fs}: {}",
+            fs_bytes(&p.target)
+        );
+        assert_eq!(std::fs::read(p.target.join("keep")).unwrap(), data);
+        let stats = c
+            .node(i)
+            .await
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vol.clone(),
+                volume_path: p.target.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = stats.volume_condition.unwrap();
+        assert!(!cond.abnormal, "all three replicas serve: {cond:?}");
+        tear_down(&c, &vol, i, &p, &[&p.target]).await;
+    }
+
+    // Bad requests change nothing.
+    let e = c
+        .controller()
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "pvc-grow-ext4".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        expand(&c, "pvc-none", GIB).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let e = expand(&c, "pvc-grow-ext4", 100 * GIB).await.unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "beyond the disks' room: {e:?}");
+    assert_eq!(c.record("pvc-grow-ext4").await["size"], 960 * MIB);
+    let e = node_expand(&c, "pvc-grow-ext4", 0, dir.path(), GIB)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "not staged: {e:?}");
 }
