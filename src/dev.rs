@@ -183,6 +183,7 @@ pub async fn run(
         listen: manager,
         data_dir: dir.join("controller"),
         default_replicas: u32::try_from(cfg.nodes.min(3)).expect("at most 3"),
+        health_interval: Duration::from_secs(5),
     };
     let ctl_socket = ctl_cfg.csi_socket.clone();
     let ctl = tokio::spawn(controller::run(ctl_cfg, stopped(stop_rx.clone())));

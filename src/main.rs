@@ -132,6 +132,10 @@ struct ControllerArgs {
     /// Replicas per volume when the StorageClass names no numberOfReplicas.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
     default_replicas: u32,
+    /// Seconds between checks of attached volumes' health (which also
+    /// brings back failed replicas that serve again).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    health_interval_secs: u64,
 }
 
 #[derive(Parser, Debug)]
@@ -472,6 +476,7 @@ async fn run_controller(a: ControllerArgs) -> Result<()> {
         listen: a.listen,
         data_dir: a.data_dir,
         default_replicas: a.default_replicas,
+        health_interval: std::time::Duration::from_secs(a.health_interval_secs),
     };
     shorthorn::controller::run(cfg, terminated()).await?;
     Ok(())

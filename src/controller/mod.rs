@@ -1,19 +1,21 @@
 //! `controller` owns the cluster's desired state: the CSI Identity and
 //! Controller services ([`service`]), the scheduler that places each
 //! volume's replicas on distinct nodes' disks ([`scheduler`]), the
-//! StorageClass parameters ([`params`]) and the records kept in the store
-//! ([`model`]). Nodes register through the manager API
-//! (`proto/manager.proto`).
+//! StorageClass parameters ([`params`]), the records kept in the store
+//! ([`model`]) and the watch over attached volumes' health ([`health`]).
+//! Nodes register through the manager API (`proto/manager.proto`).
 //!
-//! Status (issue 5, in progress): volumes are validated, scheduled and
-//! recorded; the node agent that creates replicas on disks and starts
-//! engines, ControllerPublish, snapshots, expansion and replica
-//! replacement come next.
+//! Status (issue 5, in progress): volumes are created, published (engine
+//! on the node), grown and deleted through the nodes' agents; failed
+//! replicas that serve again are rebuilt. Snapshots, clones, ModifyVolume
+//! and replacing a replica lost for longer than `staleReplicaTimeout` come
+//! next.
 //!
 //! It talks to nodes over their gRPC agent API, never by calling
 //! `crate::node` code, and must not import `crate::node` (enforced by
 //! `tests/layering.rs`).
 
+pub mod health;
 pub mod model;
 pub mod params;
 pub mod scheduler;
@@ -77,6 +79,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Replicas a volume gets when its StorageClass names no count.
     pub default_replicas: u32,
+    /// How often attached volumes' engines are asked for their health.
+    pub health_interval: std::time::Duration,
 }
 
 /// Runs the controller: CSI Identity + Controller on `cfg.csi_socket`,
@@ -93,6 +97,7 @@ pub async fn run(
     })?;
     let store: Arc<dyn Store> = Arc::new(Db::open(&data_dir.join("state.redb"))?);
     let ctl = Arc::new(service::Controller::new(store, cfg.default_replicas));
+    let watcher = tokio::spawn(health::watch(ctl.clone(), cfg.health_interval));
     let uds = csi::bind_unix(csi_socket).map_err(|e| Error::Serve {
         what: format!("CSI socket {}", csi_socket.display()),
         cause: e.to_string(),
@@ -135,6 +140,7 @@ pub async fn run(
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => (Ok(()), Ok(())),
     };
+    watcher.abort();
     for (what, r) in [("CSI", a), ("manager", b)] {
         r.map_err(|e| Error::Serve {
             what: format!("{what} server"),

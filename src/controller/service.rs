@@ -57,14 +57,14 @@ const CAPABILITIES: [Rpc; 8] = [
 /// The controller's shared state.
 #[derive(Debug)]
 pub struct Controller {
-    store: Arc<dyn Store>,
+    pub(super) store: Arc<dyn Store>,
     busy: Mutex<HashSet<String>>,
     /// What a StorageClass that names no parameter gets.
     defaults: VolumeParams,
 }
 
 /// Holds one volume's operation slot; frees it when dropped.
-struct Busy<'a> {
+pub(super) struct Busy<'a> {
     set: &'a Mutex<HashSet<String>>,
     key: String,
 }
@@ -217,7 +217,7 @@ impl Controller {
         VolumeParams::parse_over(self.defaults.clone(), p).map_err(invalid)
     }
 
-    fn begin(&self, key: &str) -> Result<Busy<'_>, Status> {
+    pub(super) fn begin(&self, key: &str) -> Result<Busy<'_>, Status> {
         let mut set = self.busy.lock().expect("poisoned");
         if !set.insert(key.to_owned()) {
             return Err(Status::aborted(format!(
@@ -286,7 +286,10 @@ impl Controller {
     }
 
     /// A client for `node`'s agent.
-    async fn agent(&self, node: &str) -> Result<agent::agent_client::AgentClient<Channel>, Status> {
+    pub(super) async fn agent(
+        &self,
+        node: &str,
+    ) -> Result<agent::agent_client::AgentClient<Channel>, Status> {
         let rec = NODES
             .get(&*self.store, node)
             .map_err(store_status)?

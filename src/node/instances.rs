@@ -852,35 +852,82 @@ impl Instances {
         Ok(())
     }
 
-    /// Grows `volume` online through its engine here to `size`; the engine
-    /// restarts with the new size from then on.
-    pub async fn expand_engine(&self, volume: &str, size: u64) -> Result<(), Error> {
-        use crate::engine::control::{pb, EngineClient};
+    /// A control client of `volume`'s engine here; failures are described
+    /// as part of doing `what`.
+    async fn engine_client(
+        &self,
+        volume: &str,
+        what: &str,
+    ) -> Result<crate::engine::control::EngineClient<tonic::transport::Channel>, Error> {
         let key = key(Kind::Engine, volume, "engine");
-        let _op = self.ops.lock().await;
         let info = self.get(&key).ok_or_else(|| Error::NotHere(key.clone()))?;
-        let refused = |kind: crate::error::ErrorKind, cause: String| Error::Refused {
-            what: format!("growing {volume} to {size} bytes"),
-            kind,
-            cause,
-        };
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", info.spec.addr))
-            .map_err(|e| refused(crate::error::ErrorKind::InvalidArgument, e.to_string()))?
+            .map_err(|e| Error::Refused {
+                what: what.to_owned(),
+                kind: crate::error::ErrorKind::InvalidArgument,
+                cause: e.to_string(),
+            })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             .connect()
             .await
-            .map_err(|e| refused(crate::error::ErrorKind::Unavailable, e.to_string()))?;
-        EngineClient::new(ch)
+            .map_err(|e| Error::Refused {
+                what: what.to_owned(),
+                kind: crate::error::ErrorKind::Unavailable,
+                cause: e.to_string(),
+            })?;
+        Ok(crate::engine::control::EngineClient::new(ch))
+    }
+
+    /// The engine's own refusal of `what`.
+    fn engine_refused(what: &str, e: &tonic::Status) -> Error {
+        Error::Refused {
+            what: what.to_owned(),
+            kind: crate::error::ErrorKind::from_grpc(e.code())
+                .unwrap_or(crate::error::ErrorKind::Io),
+            cause: e.message().to_owned(),
+        }
+    }
+
+    /// The status of `volume`'s engine here.
+    pub async fn engine_status(
+        &self,
+        volume: &str,
+    ) -> Result<crate::engine::control::pb::StatusResponse, Error> {
+        let what = format!("asking the engine of {volume} for its status");
+        self.engine_client(volume, &what)
+            .await?
+            .status(crate::engine::control::pb::StatusRequest {})
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| Self::engine_refused(&what, &e))
+    }
+
+    /// Adds replica `address` to `volume`'s engine here, which rebuilds it.
+    pub async fn engine_add_replica(&self, volume: &str, address: &str) -> Result<(), Error> {
+        let what = format!("adding replica {address} to the engine of {volume}");
+        self.engine_client(volume, &what)
+            .await?
+            .add_replica(crate::engine::control::pb::ReplicaRequest {
+                address: address.to_owned(),
+            })
+            .await
+            .map_err(|e| Self::engine_refused(&what, &e))?;
+        Ok(())
+    }
+
+    /// Grows `volume` online through its engine here to `size`; the engine
+    /// restarts with the new size from then on.
+    pub async fn expand_engine(&self, volume: &str, size: u64) -> Result<(), Error> {
+        use crate::engine::control::pb;
+        let key = key(Kind::Engine, volume, "engine");
+        let _op = self.ops.lock().await;
+        let what = format!("growing {volume} to {size} bytes");
+        self.engine_client(volume, &what)
+            .await?
             .expand(pb::ExpandRequest { size_bytes: size })
             .await
-            .map_err(|e| {
-                refused(
-                    crate::error::ErrorKind::from_grpc(e.code())
-                        .unwrap_or(crate::error::ErrorKind::Io),
-                    e.message().to_owned(),
-                )
-            })?;
+            .map_err(|e| Self::engine_refused(&what, &e))?;
         self.update(&key, |s| {
             s.size = size;
             if let Some(i) = s.args.iter().position(|a| a == "--size") {

@@ -316,6 +316,54 @@ impl agent::agent_server::Agent for Arc<Node> {
         Ok(Response::new(agent::ExpandEngineResponse {}))
     }
 
+    async fn engine_status(
+        &self,
+        r: Request<agent::EngineStatusRequest>,
+    ) -> Result<Response<agent::EngineStatusResponse>, Status> {
+        use crate::engine::control::pb;
+        let r = r.into_inner();
+        let s = self
+            .instances
+            .engine_status(&r.volume_id)
+            .await
+            .map_err(|e| status(&e))?;
+        let name = |n: &str, prefix: &str| n.trim_start_matches(prefix).to_lowercase();
+        Ok(Response::new(agent::EngineStatusResponse {
+            health: name(
+                pb::Health::try_from(s.health)
+                    .unwrap_or(pb::Health::Unspecified)
+                    .as_str_name(),
+                "HEALTH_",
+            ),
+            replicas: s
+                .replicas
+                .into_iter()
+                .map(|x| agent::EngineReplica {
+                    address: x.address,
+                    mode: name(
+                        pb::ReplicaMode::try_from(x.mode)
+                            .unwrap_or(pb::ReplicaMode::Unspecified)
+                            .as_str_name(),
+                        "REPLICA_MODE_",
+                    ),
+                    error: x.error,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn engine_add_replica(
+        &self,
+        r: Request<agent::EngineAddReplicaRequest>,
+    ) -> Result<Response<agent::EngineAddReplicaResponse>, Status> {
+        let r = r.into_inner();
+        self.instances
+            .engine_add_replica(&r.volume_id, &r.address)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::EngineAddReplicaResponse {}))
+    }
+
     async fn list_instances(
         &self,
         _r: Request<agent::ListInstancesRequest>,

@@ -98,7 +98,13 @@ fn start(dir: &Path) -> (Proc, PathBuf, String) {
     let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
         .args(["controller", "--csi-endpoint"])
         .arg(format!("unix://{}", sock.display()))
-        .args(["--listen", &listen, "--data-dir"])
+        .args([
+            "--listen",
+            &listen,
+            "--health-interval-secs",
+            "1",
+            "--data-dir",
+        ])
         .arg(dir.join("state"))
         .stdout(Stdio::null())
         .spawn()

@@ -184,6 +184,32 @@ async fn instances(c: &Ctl, node: usize) -> Vec<shorthorn::api::agent::Instance>
         .instances
 }
 
+/// Waits until the volume's engine on `node` has every replica read-write
+/// and the controller records it attached (healthy).
+async fn healthy(c: &mut Ctl, vol: &str, node: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let st = c.nodes[node]
+            .agent()
+            .await
+            .engine_status(shorthorn::api::agent::EngineStatusRequest {
+                volume_id: vol.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let all_rw = st.replicas.len() == 3 && st.replicas.iter().all(|r| r.mode == "read_write");
+        if all_rw && st.health == "healthy" && c.record(vol).await["state"] == "attached" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never healthy again: {st:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 fn wait_for(mut f: impl FnMut() -> bool, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !f() {
@@ -353,6 +379,52 @@ async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_anoth
         "replica to be restarted",
     );
     assert_eq!(std::fs::read(p.target.join("more.bin")).unwrap(), more);
+
+    // The engine failed the killed replica; once it serves again the
+    // controller has the engine rebuild it, and the volume is healthy.
+    healthy(&mut c, vol, 0).await;
+    // A replica that stops answering (frozen) is failed by the engine after
+    // its timeout: the volume shows degraded, I/O goes on, and the replica
+    // is rebuilt once it answers again.
+    let pid = String::from_utf8(
+        Command::new("pgrep")
+            .args(["-f", &format!("listen {}", replica.address)])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    assert!(!pid.is_empty());
+    Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    let during = pattern(11, 256 * 1024);
+    write_file(&p.target.join("during.bin"), &during);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let rec = c.record(vol).await;
+        if rec["state"] == "degraded" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never degraded: {rec}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let got = c
+        .controller()
+        .controller_get_volume(csi::ControllerGetVolumeRequest {
+            volume_id: vol.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+    Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    healthy(&mut c, vol, 0).await;
+    assert_eq!(std::fs::read(p.target.join("during.bin")).unwrap(), during);
 
     tear_down(&c, vol, 0, &p, &[&p.target, &ro]).await;
     let engine_file = c.nodes[0].state.join("engines").join(vol).join("volume");
