@@ -6,9 +6,9 @@
 //! replica and rebuilds only the extents that differ, then turns it
 //! read-write.
 //!
-//! A volume with a CSI call in flight is skipped that round (the call
-//! holds its operation slot), and a check holds the slot itself, so a
-//! publish or delete never races it.
+//! The engine is asked without holding the volume's operation slot, so a
+//! CSI call is never turned away (ABORTED) because of a check; the slot is
+//! held only for the moment a changed state is recorded.
 
 // The helpers answer with tonic's Status, like the service they share.
 #![allow(clippy::result_large_err)]
@@ -45,31 +45,21 @@ pub async fn check_all(ctl: &Controller) {
             v.value.state,
             VolumeState::Attached | VolumeState::Degraded | VolumeState::Faulted
         );
-        if v.value.published_node.is_none() || !watched {
-            continue;
-        }
-        let Ok(_busy) = ctl.begin(&id) else {
+        let Some(node) = v.value.published_node.clone().filter(|_| watched) else {
             continue;
         };
-        if let Err(e) = check(ctl, &id).await {
+        if let Err(e) = check(ctl, &id, &node).await {
             tracing::debug!(volume.id = %id, error = %e, "health check failed");
         }
     }
 }
 
-/// Checks one volume (its operation slot held by the caller).
-async fn check(ctl: &Controller, id: &str) -> Result<(), Status> {
-    let Some(cur) = VOLUMES
-        .get(&*ctl.store, id)
-        .map_err(|e| Status::internal(e.to_string()))?
-    else {
-        return Ok(());
-    };
-    let mut v = cur.value;
-    let Some(node) = v.published_node.clone() else {
-        return Ok(());
-    };
-    let mut a = ctl.agent(&node).await?;
+/// Checks one volume published to `node`. The engine is asked without
+/// holding the volume's operation slot (a CSI call on the volume is never
+/// turned away for it); the slot is taken only to record a new state, and
+/// if a call holds it the state waits for the next round.
+async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
+    let mut a = ctl.agent(node).await?;
     let st = a
         .engine_status(agent::EngineStatusRequest {
             volume_id: id.to_owned(),
@@ -81,13 +71,34 @@ async fn check(ctl: &Controller, id: &str) -> Result<(), Status> {
         "degraded" => VolumeState::Degraded,
         _ => VolumeState::Faulted,
     };
-    if state != v.state {
-        tracing::info!(volume.id = %id, from = ?v.state, to = ?state, "volume health changed");
-        v.state = state;
-        ctl.store
-            .commit(vec![VOLUMES.put(id, &v, Expect::Version(cur.version))])
-            .map_err(|e| Status::aborted(e.to_string()))?;
-    }
+    let v = {
+        let Ok(_busy) = ctl.begin(id) else {
+            return Ok(());
+        };
+        let Some(cur) = VOLUMES
+            .get(&*ctl.store, id)
+            .map_err(|e| Status::internal(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        let mut v = cur.value;
+        let still = v.published_node.as_deref() == Some(node)
+            && matches!(
+                v.state,
+                VolumeState::Attached | VolumeState::Degraded | VolumeState::Faulted
+            );
+        if !still {
+            return Ok(());
+        }
+        if state != v.state {
+            tracing::info!(volume.id = %id, from = ?v.state, to = ?state, "volume health changed");
+            v.state = state;
+            ctl.store
+                .commit(vec![VOLUMES.put(id, &v, Expect::Version(cur.version))])
+                .map_err(|e| Status::aborted(e.to_string()))?;
+        }
+        v
+    };
     for r in st.replicas.iter().filter(|r| r.mode == "failed") {
         // Only the volume's own replicas come back; one removed on purpose
         // is not in the record.

@@ -186,43 +186,60 @@ impl Ctl {
         let state = root.join(format!("node-{i}-state"));
         let sock = root.join(format!("node-{i}.sock"));
         std::fs::create_dir_all(&disk).unwrap();
-        let port = free_addr().rsplit_once(':').unwrap().1.to_owned();
-        let agent = format!("127.0.0.{}:{port}", i + 2);
-        let mut args: Vec<String> = ["node", "--node-id", &format!("node-{i}"), "--csi-endpoint"]
-            .map(str::to_owned)
-            .to_vec();
-        args.push(format!("unix://{}", sock.display()));
-        args.extend(["--state-dir".to_owned(), state.display().to_string()]);
-        args.extend(["--agent-listen".to_owned(), agent.clone()]);
-        args.extend(
-            ["--controller", &self.manager_addr, "--zone", zone, "--disk"].map(str::to_owned),
-        );
-        args.push(format!("{}:ssd={disk_gib}Gi", disk.display()));
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        self.nodes.push(NodeProc {
-            proc: spawn_node(&args),
-            disk,
-            state,
-            sock,
-            agent,
-            args,
-        });
-        let want = self.nodes.len();
+        // Tests run side by side, each with nodes on 127.0.0.2-4, so a port
+        // free a moment ago can be taken by the time the node binds it:
+        // a node that exits before registering is started again on
+        // another port.
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let n = self
-                .manager
-                .list_nodes(mapi::ListNodesRequest {})
-                .await
+        for attempt in 0.. {
+            let ip = format!("127.0.0.{}", i + 2);
+            let port = std::net::TcpListener::bind((ip.as_str(), 0))
                 .unwrap()
-                .into_inner()
-                .nodes_json
-                .len();
-            if n >= want {
-                break;
+                .local_addr()
+                .unwrap()
+                .port();
+            let agent = format!("{ip}:{port}");
+            let mut args: Vec<String> =
+                ["node", "--node-id", &format!("node-{i}"), "--csi-endpoint"]
+                    .map(str::to_owned)
+                    .to_vec();
+            args.push(format!("unix://{}", sock.display()));
+            args.extend(["--state-dir".to_owned(), state.display().to_string()]);
+            args.extend(["--agent-listen".to_owned(), agent.clone()]);
+            args.extend(
+                ["--controller", &self.manager_addr, "--zone", zone, "--disk"].map(str::to_owned),
+            );
+            args.push(format!("{}:ssd={disk_gib}Gi", disk.display()));
+            args.extend(extra.iter().map(|s| (*s).to_owned()));
+            let mut proc = spawn_node(&args);
+            loop {
+                let registered = self
+                    .manager
+                    .list_nodes(mapi::ListNodesRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .nodes_json
+                    .iter()
+                    .any(|n| n.contains(&format!("\"node-{i}\"")));
+                if registered {
+                    self.nodes.push(NodeProc {
+                        proc,
+                        disk,
+                        state,
+                        sock,
+                        agent,
+                        args,
+                    });
+                    return;
+                }
+                if let Ok(Some(st)) = proc.0.try_wait() {
+                    assert!(attempt < 3, "node-{i} keeps exiting ({st})");
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node-{i} never registered");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            assert!(Instant::now() < deadline, "node-{i} never registered");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
