@@ -62,6 +62,15 @@ pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixList
     tokio::net::UnixListener::bind(path)
 }
 
+/// A channel to the plugin serving the unix socket at `path` (one try).
+pub async fn connect_unix(
+    path: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_static("http://csi.invalid")
+        .connect_with_connector(unix_dialer(path.to_path_buf()))
+        .await
+}
+
 /// A tonic connector that dials the unix socket at `path`, as kubelet and
 /// the CSI sidecars reach a plugin: `Endpoint::connect_with_connector`.
 pub fn unix_dialer(path: std::path::PathBuf) -> UnixDialer {

@@ -172,8 +172,7 @@ async fn channel(endpoint: &str) -> Result<Channel, Status> {
             "--endpoint {endpoint:?} must be unix:///absolute/path"
         ))
     })?;
-    tonic::transport::Endpoint::from_static("http://csi.invalid")
-        .connect_with_connector(csi::unix_dialer(path))
+    csi::connect_unix(&path)
         .await
         .map_err(|e| Status::unavailable(format!("connecting to {endpoint}: {e}")))
 }

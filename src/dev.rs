@@ -132,11 +132,7 @@ impl<S: Named> Service<http::Request<BoxBody>> for Forward<S> {
 /// A channel over the unix socket at `path`, once it answers.
 async fn unix_channel(path: &Path, deadline: Instant) -> Result<Channel, Error> {
     loop {
-        let p = path.to_path_buf();
-        let ch = tonic::transport::Endpoint::from_static("http://local.invalid")
-            .connect_with_connector(csi::unix_dialer(p))
-            .await;
-        match ch {
+        match csi::connect_unix(path).await {
             Ok(c) => return Ok(c),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -41,10 +41,7 @@ pub async fn check_all(ctl: &Controller) {
         }
     };
     for (id, v) in volumes {
-        let watched = matches!(
-            v.value.state,
-            VolumeState::Attached | VolumeState::Degraded | VolumeState::Faulted
-        );
+        let watched = v.value.state.serving();
         let Some(node) = v.value.published_node.clone().filter(|_| watched) else {
             continue;
         };
@@ -82,11 +79,7 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
             return Ok(());
         };
         let mut v = cur.value;
-        let still = v.published_node.as_deref() == Some(node)
-            && matches!(
-                v.state,
-                VolumeState::Attached | VolumeState::Degraded | VolumeState::Faulted
-            );
+        let still = v.published_node.as_deref() == Some(node) && v.state.serving();
         if !still {
             return Ok(());
         }

@@ -35,6 +35,13 @@ pub enum VolumeState {
     Deleting,
 }
 
+impl VolumeState {
+    /// Whether an engine serves the volume (its health is watched).
+    pub fn serving(self) -> bool {
+        matches!(self, Self::Attached | Self::Degraded | Self::Faulted)
+    }
+}
+
 /// Where one replica is, and how it is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaRecord {

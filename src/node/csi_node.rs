@@ -31,9 +31,9 @@ fn mount_status(e: &mount::Error) -> Status {
 
 /// Runs the kernel-side steps `f` off the async workers (they wait on
 /// mount, mkfs, losetup).
-async fn kernel(
-    f: impl FnOnce() -> Result<(), mount::Error> + Send + 'static,
-) -> Result<(), Status> {
+async fn kernel<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, mount::Error> + Send + 'static,
+) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -294,10 +294,7 @@ impl csi::node_server::Node for Arc<Node> {
                 },
             ]
         } else {
-            use std::io::Seek;
-            let size = std::fs::File::open(&path)
-                .and_then(|mut f| f.seek(std::io::SeekFrom::End(0)))
-                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            let size = mount::device_size(&path).map_err(|e| mount_status(&e))?;
             vec![csi::VolumeUsage {
                 available: 0,
                 total: i64::try_from(size).unwrap_or(i64::MAX),
@@ -344,20 +341,17 @@ impl csi::node_server::Node for Arc<Node> {
                 "volume {volume} is not staged on this node"
             )));
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let volume = volume.to_owned();
-        kernel(move || {
+        let size = kernel(move || {
             let size = mount::refresh_loop(&file, want)?;
             let dev = mount::loop_of(&file)?.unwrap_or_default();
             if !block && path.is_dir() {
                 mount::grow_fs(&dev, &path)?;
             }
             tracing::info!(volume.id = %volume, size, "volume expanded on the node");
-            let _ = tx.send(size);
-            Ok(())
+            Ok(size)
         })
         .await?;
-        let size = rx.await.map_err(|e| Status::internal(e.to_string()))?;
         if size < want {
             return Err(Status::out_of_range(format!(
                 "the device has {size} bytes, fewer than the {want} asked; grow the volume first (ControllerExpandVolume)"
@@ -407,28 +401,18 @@ impl csi::node_server::Node for Arc<Node> {
 impl Node {
     /// The volume's condition as its engine here reports it.
     async fn condition(&self, volume: &str) -> csi::VolumeCondition {
-        use crate::engine::control::{pb, EngineClient};
-        let Some(e) = self.instances.engine(volume) else {
+        use crate::engine::control::pb;
+        if self.instances.engine(volume).is_none() {
             return csi::VolumeCondition {
                 abnormal: true,
                 message: "no engine runs for this volume on this node".into(),
             };
-        };
-        let status = async {
-            let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", e.spec.addr))
-                .map_err(|e| e.to_string())?
-                .connect_timeout(std::time::Duration::from_secs(2))
-                .timeout(std::time::Duration::from_secs(5))
-                .connect()
-                .await
-                .map_err(|e| e.to_string())?;
-            EngineClient::new(ch)
-                .status(pb::StatusRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|e| e.message().to_owned())
         }
-        .await;
+        let status = self
+            .instances
+            .engine_status(volume)
+            .await
+            .map_err(|e| e.to_string());
         match status {
             Ok(s) => {
                 let h = pb::Health::try_from(s.health).unwrap_or(pb::Health::Unspecified);

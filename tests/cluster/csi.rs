@@ -117,18 +117,7 @@ fn start(dir: &Path) -> (Proc, PathBuf, String) {
 pub async fn uds_channel(sock: &Path) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = sock.to_path_buf();
-        let ch = tonic::transport::Endpoint::from_static("http://csi.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let s = s.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(s).await?,
-                    ))
-                }
-            }))
-            .await;
-        match ch {
+        match csi::connect_unix(sock).await {
             Ok(c) => return c,
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
