@@ -72,14 +72,39 @@ enum CsiCmd {
     Create {
         /// The volume's name (as a PVC's would be).
         name: String,
-        /// Capacity, e.g. 1Gi.
-        #[arg(long, value_parser = shorthorn::units::parse_size, default_value = "1Gi")]
-        size: u64,
+        /// Capacity, e.g. 1Gi [default: 1Gi, or the source's size].
+        #[arg(long, value_parser = shorthorn::units::parse_size)]
+        size: Option<u64>,
         /// A StorageClass parameter, KEY=VALUE; repeat for each.
         #[arg(long = "param", value_parser = key_value)]
         params: Vec<(String, String)>,
+        /// Restore this snapshot id into the new volume.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone this volume id into the new volume.
+        #[arg(long)]
+        from_volume: Option<String>,
         #[command(flatten)]
         access: Access,
+    },
+    /// CreateSnapshot of a volume, attached or not.
+    Snapshot {
+        /// The snapshot's name (as a VolumeSnapshot's would be).
+        name: String,
+        /// Source volume id.
+        #[arg(long)]
+        volume: String,
+    },
+    /// DeleteSnapshot.
+    DeleteSnapshot {
+        /// Snapshot id.
+        snapshot: String,
+    },
+    /// ListSnapshots (every page).
+    Snapshots {
+        /// Only this volume's.
+        #[arg(long)]
+        volume: Option<String>,
     },
     /// DeleteVolume.
     Delete {
@@ -178,10 +203,30 @@ async fn channel(endpoint: &str) -> Result<Channel, Status> {
 }
 
 fn volume_json(v: &csi::Volume) -> Value {
+    use csi::volume_content_source::Type;
+    let source = v
+        .content_source
+        .as_ref()
+        .and_then(|s| s.r#type.as_ref())
+        .map(|t| match t {
+            Type::Snapshot(s) => json!({ "snapshot_id": s.snapshot_id }),
+            Type::Volume(v) => json!({ "volume_id": v.volume_id }),
+        });
     json!({
         "volume_id": v.volume_id,
         "capacity_bytes": v.capacity_bytes,
         "volume_context": v.volume_context,
+        "content_source": source,
+    })
+}
+
+fn snapshot_json(s: &csi::Snapshot) -> Value {
+    json!({
+        "snapshot_id": s.snapshot_id,
+        "source_volume_id": s.source_volume_id,
+        "size_bytes": s.size_bytes,
+        "creation_time_unix": s.creation_time.as_ref().map(|t| t.seconds),
+        "ready_to_use": s.ready_to_use,
     })
 }
 
@@ -224,8 +269,18 @@ pub async fn run(a: CsiArgs) -> Result<Value, Status> {
             name,
             size,
             params,
+            from_snapshot,
+            from_volume,
             access,
         } => {
+            use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+            let source = match (from_snapshot, from_volume) {
+                (Some(snapshot_id), _) => Some(Type::Snapshot(SnapshotSource { snapshot_id })),
+                (None, Some(volume_id)) => Some(Type::Volume(VolumeSource { volume_id })),
+                (None, None) => None,
+            };
+            // With a source, no size means the source's.
+            let size = size.unwrap_or(if source.is_some() { 0 } else { 1 << 30 });
             let v = ctl
                 .create_volume(csi::CreateVolumeRequest {
                     name,
@@ -235,6 +290,8 @@ pub async fn run(a: CsiArgs) -> Result<Value, Status> {
                     }),
                     volume_capabilities: vec![access.capability()],
                     parameters: params.into_iter().collect(),
+                    volume_content_source: source
+                        .map(|t| csi::VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await?
@@ -250,6 +307,52 @@ pub async fn run(a: CsiArgs) -> Result<Value, Status> {
             })
             .await?;
             json!({})
+        }
+        CsiCmd::Snapshot { name, volume } => {
+            let s = ctl
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    source_volume_id: volume,
+                    name,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            snapshot_json(&s)
+        }
+        CsiCmd::DeleteSnapshot { snapshot } => {
+            ctl.delete_snapshot(csi::DeleteSnapshotRequest {
+                snapshot_id: snapshot,
+                secrets: HashMap::new(),
+            })
+            .await?;
+            json!({})
+        }
+        CsiCmd::Snapshots { volume } => {
+            let mut out = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = ctl
+                    .list_snapshots(csi::ListSnapshotsRequest {
+                        max_entries: 100,
+                        starting_token: token,
+                        source_volume_id: volume.clone().unwrap_or_default(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                out.extend(
+                    page.entries
+                        .iter()
+                        .map(|e| snapshot_json(&e.snapshot.clone().unwrap_or_default())),
+                );
+                if page.next_token.is_empty() {
+                    break;
+                }
+                token = page.next_token;
+            }
+            json!(out)
         }
         CsiCmd::List => {
             let mut out = Vec::new();

@@ -2,14 +2,15 @@
 //! Controller services ([`service`]), the scheduler that places each
 //! volume's replicas on distinct nodes' disks ([`scheduler`]), the
 //! StorageClass parameters ([`params`]), the records kept in the store
-//! ([`model`]) and the watch over attached volumes' health ([`health`]).
+//! ([`model`]), snapshots, restores and clones ([`snapshot`]) and the
+//! watch over attached volumes' health ([`health`]).
 //! Nodes register through the manager API (`proto/manager.proto`).
 //!
 //! Status (issue 5, in progress): volumes are created, published (engine
-//! on the node), grown and deleted through the nodes' agents; failed
-//! replicas that serve again are rebuilt. Snapshots, clones, ModifyVolume
-//! and replacing a replica lost for longer than `staleReplicaTimeout` come
-//! next.
+//! on the node), grown, snapshotted, restored, cloned and deleted through
+//! the nodes' agents ([`snapshot`] holds the snapshot paths); failed
+//! replicas that serve again are rebuilt. ModifyVolume and replacing a
+//! replica lost for longer than `staleReplicaTimeout` come next.
 //!
 //! It talks to nodes over their gRPC agent API, never by calling
 //! `crate::node` code, and must not import `crate::node` (enforced by
@@ -20,6 +21,7 @@ pub mod model;
 pub mod params;
 pub mod scheduler;
 pub mod service;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;

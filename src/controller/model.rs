@@ -14,6 +14,8 @@ pub const VOLUMES: Typed<VolumeRecord> = Typed::new(Kind::Volume);
 pub const NODES: Typed<NodeRecord> = Typed::new(Kind::Node);
 /// CSI volume names, keyed by name, holding the volume id.
 pub const NAMES: Typed<String> = Typed::new(Kind::Name);
+/// Snapshots, keyed by snapshot id.
+pub const SNAPSHOTS: Typed<SnapshotRecord> = Typed::new(Kind::Snapshot);
 
 /// Where a volume is in its life, as an operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -74,6 +76,47 @@ pub struct VolumeRecord {
     /// The node the volume is published to, if any.
     #[serde(default)]
     pub published_node: Option<String>,
+    /// What the volume's data was made from; kept while it is
+    /// `Creating` so a retried create finishes the copy.
+    #[serde(default)]
+    pub source: Option<ContentSource>,
+}
+
+/// A volume's initial content.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentSource {
+    /// Restored from this snapshot id.
+    Snapshot(String),
+    /// Cloned from this volume id.
+    Volume(String),
+}
+
+/// A snapshot of a volume, as stored under [`SNAPSHOTS`]. Its data lives
+/// in every replica of the source volume as a chain layer named by `id`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRecord {
+    /// The CSI snapshot id, also the layer name on the replicas.
+    pub id: String,
+    /// The CSI name it was created under (idempotency key).
+    pub name: String,
+    /// The source volume's id.
+    pub volume: String,
+    /// The volume's size when it was taken: the smallest restore.
+    pub size: u64,
+    /// When it was taken: Unix seconds and nanoseconds.
+    pub created_secs: i64,
+    /// Nanoseconds past `created_secs`.
+    pub created_nanos: i32,
+    /// Every replica holds it (false while it is being taken, or after a
+    /// failed attempt a retry completes).
+    pub ready: bool,
+}
+
+/// The name of the transient snapshot a clone of a volume into volume
+/// `target` is copied from. The '.' keeps it apart from every snapshot id.
+pub fn clone_snapshot(target: &str) -> String {
+    format!("clone.{target}")
 }
 
 /// A node, as stored under [`NODES`].
@@ -110,6 +153,17 @@ pub const NODE_KEY: &str = "shorthorn.io/node";
 /// keeps ids recognisable in logs, target names and directories;
 /// otherwise `v-` and a digest of the name.
 pub fn volume_id(name: &str) -> String {
+    object_id(name, "v-")
+}
+
+/// The snapshot id for CSI snapshot name `name`, formed as [`volume_id`]
+/// forms volume ids (digests start `s-`). It names the snapshot's layer
+/// on the replicas, so it must be a valid layer name: a DNS label is.
+pub fn snapshot_id(name: &str) -> String {
+    object_id(name, "s-")
+}
+
+fn object_id(name: &str, prefix: &str) -> String {
     let label = !name.is_empty()
         && name.len() <= 63
         && name
@@ -117,14 +171,14 @@ pub fn volume_id(name: &str) -> String {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
-        && !name.starts_with("v-");
+        && !name.starts_with(prefix);
     if label {
         return name.to_owned();
     }
     use sha2::Digest;
     let d = sha2::Sha256::digest(name.as_bytes());
     let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("v-{hex}")
+    format!("{prefix}{hex}")
 }
 
 #[cfg(test)]
@@ -141,5 +195,10 @@ mod tests {
         // take another name's id.
         assert_ne!(volume_id(&odd), odd);
         assert!(volume_id(&"a".repeat(64)).starts_with("v-"));
+        assert_eq!(snapshot_id("snapshot-0a1b"), "snapshot-0a1b");
+        assert!(snapshot_id("Snap 1").starts_with("s-"));
+        let s = snapshot_id("Snap 1");
+        assert!(crate::replica::meta::validate_snapshot_name(&s).is_ok());
+        assert!(crate::replica::meta::validate_snapshot_name(&clone_snapshot(&odd)).is_ok());
     }
 }

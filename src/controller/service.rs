@@ -25,10 +25,12 @@ use crate::csi::volume_capability::access_mode::Mode;
 use crate::store::{self, Expect, Store};
 
 use super::model::{
-    volume_id, NodeRecord, VolumeRecord, VolumeState, NAMES, NODES, VOLUMES, ZONE_KEY,
+    snapshot_id, volume_id, ContentSource, NodeRecord, SnapshotRecord, VolumeRecord, VolumeState,
+    NAMES, NODES, SNAPSHOTS, VOLUMES, ZONE_KEY,
 };
 use super::params::{FsType, VolumeParams};
 use super::scheduler::{self, Candidate, Disk};
+use super::snapshot::{check_snapshottable, csi_snapshot};
 use crate::api::{agent, manager as mapi};
 use tonic::transport::Channel;
 
@@ -43,7 +45,7 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const OVER_PROVISIONING: u64 = 200;
 
 /// Controller RPCs this build implements (and so advertises).
-const CAPABILITIES: [Rpc; 8] = [
+const CAPABILITIES: [Rpc; 11] = [
     Rpc::CreateDeleteVolume,
     Rpc::PublishUnpublishVolume,
     Rpc::ListVolumes,
@@ -52,6 +54,9 @@ const CAPABILITIES: [Rpc; 8] = [
     Rpc::GetVolume,
     Rpc::SingleNodeMultiWriter,
     Rpc::ExpandVolume,
+    Rpc::CreateDeleteSnapshot,
+    Rpc::ListSnapshots,
+    Rpc::CloneVolume,
 ];
 
 /// The controller's shared state.
@@ -87,7 +92,7 @@ fn invalid(msg: impl Into<String>) -> Status {
 
 /// A store failure as a gRPC status: a lost conditional write means a
 /// concurrent change (ABORTED, retry); anything else is internal.
-fn store_status(e: store::Error) -> Status {
+pub(super) fn store_status(e: store::Error) -> Status {
     match e {
         store::Error::Conflict { .. } => Status::aborted(format!("{e}; retry")),
         other => Status::internal(other.to_string()),
@@ -159,6 +164,42 @@ fn size_for(range: Option<&csi::CapacityRange>) -> Result<u64, Status> {
         )));
     }
     Ok(size)
+}
+
+/// The size for a volume made from a source of `min` bytes: at least
+/// that and what `range` requires, within its limit (else OUT_OF_RANGE).
+fn size_over(range: Option<&csi::CapacityRange>, min: u64) -> Result<u64, Status> {
+    let (req, lim) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    let size = if req > 0 { size_for(range)? } else { 0 }.max(min);
+    if lim > 0 && size > lim.unsigned_abs() {
+        return Err(Status::out_of_range(format!(
+            "the source holds {min} bytes, more than limit_bytes {lim}"
+        )));
+    }
+    Ok(size)
+}
+
+/// The source named by a CreateVolume, checked for shape.
+fn content_source(s: Option<&csi::VolumeContentSource>) -> Result<Option<ContentSource>, Status> {
+    use csi::volume_content_source::Type;
+    let Some(s) = s else { return Ok(None) };
+    match &s.r#type {
+        Some(Type::Snapshot(x)) if !x.snapshot_id.is_empty() => {
+            Ok(Some(ContentSource::Snapshot(x.snapshot_id.clone())))
+        }
+        Some(Type::Volume(x)) if !x.volume_id.is_empty() => {
+            Ok(Some(ContentSource::Volume(x.volume_id.clone())))
+        }
+        Some(Type::Snapshot(_)) => Err(invalid(
+            "volume_content_source.snapshot.snapshot_id must not be empty",
+        )),
+        Some(Type::Volume(_)) => Err(invalid(
+            "volume_content_source.volume.volume_id must not be empty",
+        )),
+        None => Err(invalid(
+            "volume_content_source names neither a snapshot nor a volume",
+        )),
+    }
 }
 
 /// Whether an existing volume satisfies a repeated CreateVolume.
@@ -272,7 +313,19 @@ impl Controller {
                     .to_owned(),
                 ),
             ]),
-            content_source: None,
+            content_source: v.source.as_ref().map(|s| {
+                use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+                csi::VolumeContentSource {
+                    r#type: Some(match s {
+                        ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                            snapshot_id: id.clone(),
+                        }),
+                        ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                            volume_id: id.clone(),
+                        }),
+                    }),
+                }
+            }),
             accessible_topology: Vec::new(),
         }
     }
@@ -290,6 +343,15 @@ impl Controller {
         &self,
         node: &str,
     ) -> Result<agent::agent_client::AgentClient<Channel>, Status> {
+        self.agent_for(node, AGENT_CALL_TIMEOUT).await
+    }
+
+    /// A client for `node`'s agent whose calls may take up to `timeout`.
+    pub(super) async fn agent_for(
+        &self,
+        node: &str,
+        timeout: std::time::Duration,
+    ) -> Result<agent::agent_client::AgentClient<Channel>, Status> {
         let rec = NODES
             .get(&*self.store, node)
             .map_err(store_status)?
@@ -298,7 +360,7 @@ impl Controller {
         let ch = Channel::from_shared(format!("http://{}", rec.agent_address))
             .map_err(|e| Status::internal(format!("node {node} agent address: {e}")))?
             .connect_timeout(AGENT_CONNECT_TIMEOUT)
-            .timeout(AGENT_CALL_TIMEOUT)
+            .timeout(timeout)
             .connect()
             .await
             .map_err(|e| {
@@ -310,9 +372,10 @@ impl Controller {
         Ok(agent::agent_client::AgentClient::new(ch))
     }
 
-    /// Asks each replica's node to create it, records where they serve,
-    /// and marks the volume detached (ready). Any failure leaves the
-    /// volume `Creating` for a retry to resume.
+    /// Asks each replica's node to create it, fills them from the
+    /// volume's source if it has one, records where they serve, and marks
+    /// the volume detached (ready). Any failure leaves the volume
+    /// `Creating` for a retry to resume.
     async fn realize(&self, mut v: VolumeRecord, version: u64) -> Result<VolumeRecord, Status> {
         let creations = v.replicas.iter().map(|rep| {
             let (id, size) = (v.id.clone(), v.size);
@@ -332,6 +395,9 @@ impl Controller {
         let results = futures_util::future::join_all(creations).await;
         for (rep, res) in v.replicas.iter_mut().zip(results) {
             rep.address = Some(res?);
+        }
+        if let Some(src) = v.source.clone() {
+            self.fill(&v, &src).await?;
         }
         v.state = VolumeState::Detached;
         self.store
@@ -392,8 +458,22 @@ fn candidates(nodes: &[NodeRecord]) -> Vec<Candidate<'_>> {
         .collect()
 }
 
-/// Page tokens are `p1:` and the last volume id returned; anything else
-/// is a token this controller never issued.
+/// Where a list call starts and how many entries it may return, from its
+/// `max_entries` (0: no limit) and `starting_token`.
+fn page_args(max_entries: i32, token: &str) -> Result<(Option<&str>, usize), Status> {
+    if max_entries < 0 {
+        return Err(invalid("max_entries must not be negative"));
+    }
+    let limit = if max_entries == 0 {
+        usize::MAX
+    } else {
+        max_entries.unsigned_abs() as usize
+    };
+    Ok((parse_token(token)?, limit))
+}
+
+/// Page tokens are `p1:` and the last id returned; anything else is a
+/// token this controller never issued.
 fn parse_token(t: &str) -> Result<Option<&str>, Status> {
     if t.is_empty() {
         return Ok(None);
@@ -460,11 +540,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         params
             .apply_mutable(&r.mutable_parameters)
             .map_err(invalid)?;
-        if r.volume_content_source.is_some() {
-            return Err(invalid(
-                "volume_content_source is not supported by this build (no CLONE_VOLUME or snapshot capability)",
-            ));
-        }
+        let source = content_source(r.volume_content_source.as_ref())?;
         let id = volume_id(&r.name);
         let _busy = self.begin(&id)?;
         if let Some(found) = VOLUMES.get(&*self.store, &id).map_err(store_status)? {
@@ -475,9 +551,9 @@ impl csi::controller_server::Controller for Arc<Controller> {
                     v.name
                 )));
             }
-            if !compatible(&v, r.capacity_range.as_ref(), &params) {
+            if !compatible(&v, r.capacity_range.as_ref(), &params) || v.source != source {
                 return Err(Status::already_exists(format!(
-                    "volume {:?} exists with size {} and other parameters than asked",
+                    "volume {:?} exists with size {} and other parameters or source than asked",
                     r.name, v.size
                 )));
             }
@@ -491,6 +567,10 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 volume: Some(Controller::csi_volume(&v)),
             }));
         }
+        let size = match &source {
+            Some(src) => size_over(r.capacity_range.as_ref(), self.source_size(src)?)?,
+            None => size,
+        };
         let nodes = self.nodes()?;
         let allowed = allowed_nodes(r.accessibility_requirements.as_ref(), &nodes);
         let req = Controller::scheduler_request(&params, size, allowed);
@@ -519,6 +599,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             state: VolumeState::Creating,
             replicas,
             published_node: None,
+            source,
         };
         // The placement is recorded before any node acts on it, so a crash
         // or a failed node leaves a record a retry resumes, never replicas
@@ -556,6 +637,22 @@ impl csi::controller_server::Controller for Arc<Controller> {
             return Err(Status::failed_precondition(format!(
                 "volume {} is published to node {n}; unpublish it first",
                 r.volume_id
+            )));
+        }
+        // Snapshots live in the volume's replicas, so they go first (the
+        // spec's answer for snapshots that are not independent entities).
+        let snaps: Vec<String> = SNAPSHOTS
+            .all(&*self.store)
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|(_, s)| s.value.volume == r.volume_id)
+            .map(|(id, _)| id)
+            .collect();
+        if !snaps.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "volume {} has snapshots ({}); delete them first",
+                r.volume_id,
+                snaps.join(", ")
             )));
         }
         // Deleting is recorded first, so a retry after a failure here
@@ -798,15 +895,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         r: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = r.into_inner();
-        if r.max_entries < 0 {
-            return Err(invalid("max_entries must not be negative"));
-        }
-        let after = parse_token(&r.starting_token)?;
-        let limit = if r.max_entries == 0 {
-            usize::MAX
-        } else {
-            r.max_entries.unsigned_abs() as usize
-        };
+        let (after, limit) = page_args(r.max_entries, &r.starting_token)?;
         // One more than asked tells whether another page follows.
         let mut page = VOLUMES
             .list(&*self.store, after, limit.saturating_add(1))
@@ -887,23 +976,162 @@ impl csi::controller_server::Controller for Arc<Controller> {
 
     async fn create_snapshot(
         &self,
-        _r: Request<csi::CreateSnapshotRequest>,
+        r: Request<csi::CreateSnapshotRequest>,
     ) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(not_advertised("CREATE_DELETE_SNAPSHOT"))
+        let r = r.into_inner();
+        if r.name.is_empty() {
+            return Err(invalid("name must not be empty"));
+        }
+        if r.source_volume_id.is_empty() {
+            return Err(invalid("source_volume_id must not be empty"));
+        }
+        if let Some(k) = r
+            .parameters
+            .keys()
+            .find(|k| !k.starts_with("csi.storage.k8s.io/"))
+        {
+            return Err(invalid(format!(
+                "snapshot parameter {k:?} is not known; snapshots take none"
+            )));
+        }
+        let id = snapshot_id(&r.name);
+        let _busy = self.begin(&r.source_volume_id)?;
+        let found = SNAPSHOTS.get(&*self.store, &id).map_err(store_status)?;
+        if let Some(f) = &found {
+            if f.value.name != r.name || f.value.volume != r.source_volume_id {
+                return Err(Status::already_exists(format!(
+                    "snapshot {:?} exists, of volume {}",
+                    f.value.name, f.value.volume
+                )));
+            }
+        }
+        let v = self.get_volume(&r.source_volume_id)?.ok_or_else(|| {
+            Status::not_found(format!("volume {} does not exist", r.source_volume_id))
+        })?;
+        let (mut rec, version) = match found {
+            Some(f) if f.value.ready => {
+                return Ok(Response::new(csi::CreateSnapshotResponse {
+                    snapshot: Some(csi_snapshot(&f.value)),
+                }))
+            }
+            Some(f) => (f.value, f.version),
+            None => {
+                check_snapshottable(&v)?;
+                let t = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                let rec = SnapshotRecord {
+                    id: id.clone(),
+                    name: r.name.clone(),
+                    volume: v.id.clone(),
+                    size: v.size,
+                    created_secs: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                    created_nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+                    ready: false,
+                };
+                // Recorded before any replica takes it: a failure part-way
+                // leaves a record that a retry completes or a delete
+                // cleans up, never layers nobody knows of.
+                let version = self
+                    .store
+                    .commit(vec![SNAPSHOTS.put(&id, &rec, Expect::Absent)])
+                    .map_err(store_status)?;
+                (rec, version)
+            }
+        };
+        self.snapshot_volume(&v, &id, false).await?;
+        rec.ready = true;
+        self.store
+            .commit(vec![SNAPSHOTS.put(&id, &rec, Expect::Version(version))])
+            .map_err(store_status)?;
+        tracing::info!(volume.id = %v.id, snapshot.id = %id, "snapshot taken");
+        Ok(Response::new(csi::CreateSnapshotResponse {
+            snapshot: Some(csi_snapshot(&rec)),
+        }))
     }
 
     async fn delete_snapshot(
         &self,
-        _r: Request<csi::DeleteSnapshotRequest>,
+        r: Request<csi::DeleteSnapshotRequest>,
     ) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(not_advertised("CREATE_DELETE_SNAPSHOT"))
+        let r = r.into_inner();
+        if r.snapshot_id.is_empty() {
+            return Err(invalid("snapshot_id must not be empty"));
+        }
+        let Some(found) = SNAPSHOTS
+            .get(&*self.store, &r.snapshot_id)
+            .map_err(store_status)?
+        else {
+            return Ok(Response::new(csi::DeleteSnapshotResponse {}));
+        };
+        let _busy = self.begin(&found.value.volume)?;
+        // Read again under the volume's slot: it may have changed since.
+        let Some(found) = SNAPSHOTS
+            .get(&*self.store, &r.snapshot_id)
+            .map_err(store_status)?
+        else {
+            return Ok(Response::new(csi::DeleteSnapshotResponse {}));
+        };
+        let restoring: Vec<String> = VOLUMES
+            .all(&*self.store)
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|(_, v)| {
+                v.value.state == VolumeState::Creating
+                    && v.value.source == Some(ContentSource::Snapshot(r.snapshot_id.clone()))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if !restoring.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {} is being restored into {}",
+                r.snapshot_id,
+                restoring.join(", ")
+            )));
+        }
+        if let Some(v) = self.get_volume(&found.value.volume)? {
+            self.snapshot_volume(&v, &r.snapshot_id, true).await?;
+        }
+        self.store
+            .commit(vec![
+                SNAPSHOTS.delete(&r.snapshot_id, Expect::Version(found.version))
+            ])
+            .map_err(store_status)?;
+        tracing::info!(volume.id = %found.value.volume, snapshot.id = %r.snapshot_id, "snapshot deleted");
+        Ok(Response::new(csi::DeleteSnapshotResponse {}))
     }
 
     async fn list_snapshots(
         &self,
-        _r: Request<csi::ListSnapshotsRequest>,
+        r: Request<csi::ListSnapshotsRequest>,
     ) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(not_advertised("LIST_SNAPSHOTS"))
+        let r = r.into_inner();
+        let (after, limit) = page_args(r.max_entries, &r.starting_token)?;
+        let mut page: Vec<SnapshotRecord> = SNAPSHOTS
+            .all(&*self.store)
+            .map_err(store_status)?
+            .into_iter()
+            .map(|(_, s)| s.value)
+            .filter(|s| r.snapshot_id.is_empty() || s.id == r.snapshot_id)
+            .filter(|s| r.source_volume_id.is_empty() || s.volume == r.source_volume_id)
+            .filter(|s| after.is_none_or(|a| s.id.as_str() > a))
+            .take(limit.saturating_add(1))
+            .collect();
+        let next_token = if page.len() > limit {
+            page.truncate(limit);
+            format!("p1:{}", page.last().expect("limit >= 1").id)
+        } else {
+            String::new()
+        };
+        Ok(Response::new(csi::ListSnapshotsResponse {
+            entries: page
+                .iter()
+                .map(|s| csi::list_snapshots_response::Entry {
+                    snapshot: Some(csi_snapshot(s)),
+                })
+                .collect(),
+            next_token,
+        }))
     }
 
     async fn get_snapshot(
@@ -1028,7 +1256,7 @@ const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 
 /// An agent's refusal or failure, naming the node; its code passes
 /// through (a node's INVALID_ARGUMENT is still the caller's).
-fn agent_failed(node: &str, e: &Status) -> Status {
+pub(super) fn agent_failed(node: &str, e: &Status) -> Status {
     Status::new(e.code(), format!("node {node}: {}", e.message()))
 }
 

@@ -23,16 +23,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::startup::probe;
-use super::volume::{Inner, Mode, Progress, Slot, Volume};
+use super::volume::{Inner, Mode, Slot, Volume};
 use super::Error;
-use crate::replica::chain::{ExtentChecksum, SnapshotSpec, CHECKSUM_CHUNK_BYTES};
-use crate::replica::client::{Client, ClientError};
-
-/// Chunks asked for per `Extents` page.
-const EXTENTS_PAGE: u32 = 4096;
+use crate::replica::client::Client;
+use crate::replica::copy::{self, Progress};
 
 impl Volume {
     /// Adds replica `addr` (empty, or a stale copy of this volume) and
@@ -148,106 +145,24 @@ fn source(inner: &Inner) -> Result<Client, Error> {
         .ok_or(Error::Faulted)
 }
 
-async fn all_extents(c: &Client, layer: &str) -> Result<Vec<ExtentChecksum>, ClientError> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let page = c.extents(layer, from, EXTENTS_PAGE).await?;
-        out.extend(page.extents);
-        match page.next {
-            Some(n) => from = n,
-            None => return Ok(out),
-        }
-    }
-}
-
-fn by_chunk(es: Vec<ExtentChecksum>) -> BTreeMap<u64, Vec<ExtentChecksum>> {
-    let mut m: BTreeMap<u64, Vec<ExtentChecksum>> = BTreeMap::new();
-    for e in es {
-        m.entry(e.offset / CHECKSUM_CHUNK_BYTES)
-            .or_default()
-            .push(e);
-    }
-    m
-}
-
 /// Steps 3 to 5.
 async fn copy_layers(inner: &Inner, target: &Client, progress: &Progress) -> Result<(), String> {
     let src = source(inner).map_err(|e| e.to_string())?;
     let layers = src.list().await.map_err(|e| format!("source list: {e}"))?;
-    let chain: Vec<SnapshotSpec> = layers
-        .iter()
-        .filter(|l| l.active && !l.head)
-        .rev()
-        .map(|l| SnapshotSpec {
-            name: l.name.clone(),
-            created: l.created.clone(),
-            user_created: l.user_created,
-            labels: l.labels.clone(),
-        })
-        .collect();
+    let chain = copy::active_chain(&layers);
     target
         .set_chain(chain.clone())
         .await
         .map_err(|e| format!("target set chain: {e}"))?;
-    let mut plan = Vec::with_capacity(chain.len());
-    for l in &chain {
-        let s = all_extents(&src, &l.name)
-            .await
-            .map_err(|e| format!("source extents of {}: {e}", l.name))?;
-        progress
-            .total
-            .fetch_add(s.iter().map(|e| e.len).sum(), Ordering::Relaxed);
-        plan.push((l.name.clone(), s));
-    }
-    let limit = inner.opts.rebuild_bytes_per_sec;
-    let started = Instant::now();
-    let mut copied = 0u64;
-    for (layer, s) in plan {
-        let d = all_extents(target, &layer)
-            .await
-            .map_err(|e| format!("target extents of {layer}: {e}"))?;
-        let (s, d) = (by_chunk(s), by_chunk(d));
-        let chunks: std::collections::BTreeSet<u64> = s.keys().chain(d.keys()).copied().collect();
-        for chunk in chunks {
-            let empty = Vec::new();
-            let (sv, dv) = (
-                s.get(&chunk).unwrap_or(&empty),
-                d.get(&chunk).unwrap_or(&empty),
-            );
-            let bytes: u64 = sv.iter().map(|e| e.len).sum();
-            if sv != dv {
-                if !dv.is_empty() {
-                    let off = chunk * CHECKSUM_CHUNK_BYTES;
-                    let len = CHECKSUM_CHUNK_BYTES.min(inner.size.load(Ordering::SeqCst) - off);
-                    target
-                        .layer_punch(&layer, off, len)
-                        .await
-                        .map_err(|e| format!("target punch in {layer}: {e}"))?;
-                }
-                for e in sv {
-                    let data = src
-                        .layer_read(&layer, e.offset, e.len)
-                        .await
-                        .map_err(|x| format!("source read of {layer}: {x}"))?;
-                    target
-                        .layer_write(&layer, e.offset, &data)
-                        .await
-                        .map_err(|x| format!("target write to {layer}: {x}"))?;
-                }
-                copied += bytes;
-                progress.copied.fetch_add(bytes, Ordering::Relaxed);
-                if limit > 0 {
-                    // Never ahead of the allowed rate.
-                    let due = Duration::from_secs_f64(copied as f64 / limit as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-            }
-            progress.done.fetch_add(bytes, Ordering::Relaxed);
-        }
-    }
+    copy::copy_layers(
+        &src,
+        target,
+        &chain,
+        || inner.size.load(Ordering::SeqCst),
+        inner.opts.rebuild_bytes_per_sec,
+        progress,
+    )
+    .await?;
     target
         .finish_rebuild()
         .await

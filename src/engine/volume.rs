@@ -125,14 +125,6 @@ pub enum Health {
     Faulted,
 }
 
-/// Progress of a rebuild.
-#[derive(Debug, Default)]
-pub(super) struct Progress {
-    pub(super) done: AtomicU64,
-    pub(super) total: AtomicU64,
-    pub(super) copied: AtomicU64,
-}
-
 /// A rebuild as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RebuildStatus {
@@ -180,7 +172,7 @@ pub(super) struct Slot {
     pub(super) conns: Vec<Client>,
     pub(super) mode: Mode,
     pub(super) error: Option<String>,
-    pub(super) rebuild: Option<Arc<Progress>>,
+    pub(super) rebuild: Option<Arc<crate::replica::copy::Progress>>,
     pub(super) metrics: Arc<Handles>,
     /// Reads sent to it and not answered yet.
     pub(super) reads: Arc<AtomicUsize>,

@@ -152,6 +152,12 @@ impl csi::node_server::Node for Arc<Node> {
                 if !made && !mounted && fs == "ext4" {
                     mount::grow_ext4_offline(&dev)?;
                 }
+                // A restored or cloned xfs shares its source's UUID, which
+                // xfs refuses to mount twice on one kernel without nouuid.
+                let mut flags = flags;
+                if fs == "xfs" && !flags.iter().any(|f| f == "nouuid") {
+                    flags.push("nouuid".to_owned());
+                }
                 mount::mount_fs(&dev, &fs, &staging, &flags)?;
                 if !made && !mounted && fs == "xfs" {
                     mount::grow_fs(&dev, &staging)?;

@@ -20,7 +20,7 @@
 //! starts, adopts each process still running (found by its command line
 //! in `/proc`) and starts the ones that are not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
+
+use crate::replica::client::Client;
+use crate::replica::copy;
 
 /// What the instance manager can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +114,15 @@ impl Error {
             Self::NotHere(_) => K::NotFound,
             Self::Refused { kind, .. } => *kind,
         }
+    }
+}
+
+/// A replica's refusal of `what`, kept with its kind.
+fn replica_refused(what: &str, e: &crate::replica::client::ClientError) -> Error {
+    Error::Refused {
+        what: what.to_owned(),
+        kind: e.kind(),
+        cause: e.to_string(),
     }
 }
 
@@ -831,25 +843,94 @@ impl Instances {
         Ok(())
     }
 
+    /// A protocol client of replica `name` of `volume` here; failures are
+    /// described as part of doing `what`.
+    async fn replica_client(&self, volume: &str, name: &str, what: &str) -> Result<Client, Error> {
+        let key = key(Kind::Replica, volume, name);
+        let info = self.get(&key).ok_or_else(|| Error::NotHere(key.clone()))?;
+        Client::connect(&info.spec.addr)
+            .await
+            .map_err(|e| replica_refused(what, &e))
+    }
+
     /// Grows replica `name` of `volume` (no engine serving it) to `size`.
     pub async fn expand_replica(&self, volume: &str, name: &str, size: u64) -> Result<(), Error> {
         let key = key(Kind::Replica, volume, name);
         let _op = self.ops.lock().await;
-        let info = self.get(&key).ok_or_else(|| Error::NotHere(key.clone()))?;
-        let refused = |e: crate::replica::client::ClientError| Error::Refused {
-            what: format!("growing {key} to {size} bytes"),
-            kind: e.kind(),
-            cause: e.to_string(),
-        };
-        let c = crate::replica::client::Client::connect(&info.spec.addr)
-            .await
-            .map_err(refused)?;
-        let r = c.expand(size).await.map_err(refused);
+        let what = format!("growing {key} to {size} bytes");
+        let c = self.replica_client(volume, name, &what).await?;
+        let r = c.expand(size).await.map_err(|e| replica_refused(&what, &e));
         c.shutdown();
         r?;
         self.update(&key, |s| s.size = size)?;
         tracing::info!(volume.id = %volume, replica = %name, size, "replica grown");
         Ok(())
+    }
+
+    /// Takes (or with `remove`, removes) snapshot `snapshot` on resting
+    /// replica `name` of `volume`; done already is success.
+    pub async fn replica_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+        snapshot: &str,
+        remove: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        let what = format!(
+            "{} snapshot {snapshot} on replica {name} of {volume}",
+            if remove { "removing" } else { "taking" }
+        );
+        let c = self.replica_client(volume, name, &what).await?;
+        let r = async {
+            let present = c
+                .list()
+                .await?
+                .iter()
+                .any(|l| l.name == snapshot && !l.head);
+            match (remove, present) {
+                (false, false) => c.snapshot(snapshot, labels).await,
+                (true, true) => c.remove_snapshot(snapshot).await,
+                _ => Ok(()),
+            }
+        }
+        .await
+        .map_err(|e| replica_refused(&what, &e));
+        c.shutdown();
+        r?;
+        tracing::info!(volume.id = %volume, replica = %name, snapshot, remove, "replica snapshot");
+        Ok(())
+    }
+
+    /// Fills resting replica `name` of `volume` with snapshot `snapshot`
+    /// of the replica at `source` (see [`copy::restore`]); returns the
+    /// bytes copied.
+    pub async fn restore_replica(
+        &self,
+        volume: &str,
+        name: &str,
+        source: &str,
+        snapshot: &str,
+    ) -> Result<u64, Error> {
+        let what = format!("restoring replica {name} of {volume} from {snapshot} at {source}");
+        let target = self.replica_client(volume, name, &what).await?;
+        let src = match Client::connect(source).await {
+            Ok(c) => c,
+            Err(e) => {
+                target.shutdown();
+                return Err(replica_refused(&what, &e));
+            }
+        };
+        let r = copy::restore(&src, &target, snapshot).await;
+        src.shutdown();
+        target.shutdown();
+        let copied = r.map_err(|cause| Error::Refused {
+            what: what.clone(),
+            kind: crate::error::ErrorKind::FailedPrecondition,
+            cause,
+        })?;
+        tracing::info!(volume.id = %volume, replica = %name, snapshot, source, copied_bytes = copied, "replica restored");
+        Ok(copied)
     }
 
     /// A control client of `volume`'s engine here; failures are described
@@ -937,6 +1018,46 @@ impl Instances {
             }
         })?;
         tracing::info!(volume.id = %volume, size, "volume grown online");
+        Ok(())
+    }
+
+    /// Takes (or with `remove`, removes) snapshot `snapshot` through
+    /// `volume`'s engine here; done already is success.
+    pub async fn engine_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        remove: bool,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Error> {
+        use crate::engine::control::pb;
+        let what = format!(
+            "{} snapshot {snapshot} of {volume} through its engine",
+            if remove { "removing" } else { "taking" }
+        );
+        let mut c = self.engine_client(volume, &what).await?;
+        let present = c
+            .list_snapshots(pb::ListSnapshotsRequest {})
+            .await
+            .map_err(|e| Self::engine_refused(&what, &e))?
+            .into_inner()
+            .snapshots
+            .iter()
+            .any(|l| l.name == snapshot && !l.head);
+        let name = snapshot.to_owned();
+        match (remove, present) {
+            (false, false) => c
+                .snapshot(pb::SnapshotRequest { name, labels })
+                .await
+                .map(drop),
+            (true, true) => c
+                .remove_snapshot(pb::SnapshotNameRequest { name })
+                .await
+                .map(drop),
+            _ => Ok(()),
+        }
+        .map_err(|e| Self::engine_refused(&what, &e))?;
+        tracing::info!(volume.id = %volume, snapshot, remove, "engine snapshot");
         Ok(())
     }
 

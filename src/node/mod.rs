@@ -181,6 +181,12 @@ fn check_size(size: u64) -> Result<(), Status> {
     Ok(())
 }
 
+/// Snapshot names the agent accepts: valid layer names.
+#[allow(clippy::result_large_err)]
+fn check_snapshot_name(name: &str) -> Result<(), Status> {
+    crate::replica::meta::validate_snapshot_name(name).map_err(Status::invalid_argument)
+}
+
 fn status(e: &instances::Error) -> Status {
     Status::new(e.kind().grpc_code(), e.to_string())
 }
@@ -362,6 +368,62 @@ impl agent::agent_server::Agent for Arc<Node> {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(agent::EngineAddReplicaResponse {}))
+    }
+
+    async fn engine_snapshot(
+        &self,
+        r: Request<agent::EngineSnapshotRequest>,
+    ) -> Result<Response<agent::EngineSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        check_snapshot_name(&r.snapshot)?;
+        self.instances
+            .engine_snapshot(&r.volume_id, &r.snapshot, r.remove, r.labels)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::EngineSnapshotResponse {}))
+    }
+
+    async fn replica_snapshot(
+        &self,
+        r: Request<agent::ReplicaSnapshotRequest>,
+    ) -> Result<Response<agent::ReplicaSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        check_snapshot_name(&r.snapshot)?;
+        self.instances
+            .replica_snapshot(
+                &r.volume_id,
+                &r.replica_name,
+                &r.snapshot,
+                r.remove,
+                r.labels.into_iter().collect(),
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::ReplicaSnapshotResponse {}))
+    }
+
+    async fn restore_replica(
+        &self,
+        r: Request<agent::RestoreReplicaRequest>,
+    ) -> Result<Response<agent::RestoreReplicaResponse>, Status> {
+        let r = r.into_inner();
+        check_snapshot_name(&r.snapshot)?;
+        if r.source_address.is_empty() {
+            return Err(Status::invalid_argument("source_address must not be empty"));
+        }
+        let copied_bytes = self
+            .instances
+            .restore_replica(
+                &r.volume_id,
+                &r.replica_name,
+                &r.source_address,
+                &r.snapshot,
+            )
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::RestoreReplicaResponse {
+            copied_bytes,
+        }))
     }
 
     async fn list_instances(

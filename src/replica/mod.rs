@@ -13,9 +13,11 @@
 //! - [`chain`]: [`Replica`], the chain of layers and every operation on it.
 //! - [`wire`]: the frame format (pure, property-tested).
 //! - [`server`] / [`client`]: the protocol over TCP.
+//! - [`copy`]: filling one replica's layers from another's (rebuild, restore).
 
 pub mod chain;
 pub mod client;
+pub mod copy;
 pub mod extents;
 pub mod layer;
 pub mod meta;

@@ -802,6 +802,34 @@ async fn dev_mode_serves_the_whole_driver_on_one_socket() {
         "numberOfReplicas=1",
     ]);
     assert_eq!(out.status.code(), Some(4), "ALREADY_EXISTS is exit 4");
+    // Snapshot, restore and list through the CLI (the volume is detached).
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s = json(cli(&["snapshot", "snap-cli", "--volume", "pvc-cli"]));
+    assert_eq!(
+        (s["ready_to_use"].clone(), s["size_bytes"].clone()),
+        (true.into(), (32 * MIB).into())
+    );
+    let sid = s["snapshot_id"].as_str().unwrap().to_owned();
+    let r = json(cli(&["create", "pvc-cli-copy", "--from-snapshot", &sid]));
+    assert_eq!(r["capacity_bytes"], 32 * MIB, "the snapshot's size");
+    assert_eq!(r["content_source"]["snapshot_id"], sid.as_str());
+    let listed = json(cli(&["snapshots", "--volume", "pvc-cli"]));
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let out = cli(&["delete", "pvc-cli"]);
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "FAILED_PRECONDITION: it has a snapshot"
+    );
+    json(cli(&["delete-snapshot", &sid]));
+    assert!(cli(&["delete", "pvc-cli-copy"]).status.success());
     assert!(cli(&["delete", "pvc-cli"]).status.success());
     let ext4 = cap(Some("ext4"));
     let ctx = ctl
@@ -1086,4 +1114,318 @@ async fn volumes_grow_online_and_offline_with_their_filesystems() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "not staged: {e:?}");
+}
+
+async fn snapshot(c: &Ctl, name: &str, vol: &str) -> Result<csi::Snapshot, tonic::Status> {
+    c.controller()
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: vol.into(),
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().snapshot.unwrap())
+}
+
+async fn delete_snapshot(c: &Ctl, id: &str) -> Result<(), tonic::Status> {
+    c.controller()
+        .delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            secrets: Default::default(),
+        })
+        .await
+        .map(drop)
+}
+
+async fn list_snapshots(c: &Ctl, req: csi::ListSnapshotsRequest) -> (Vec<String>, String) {
+    let r = c
+        .controller()
+        .list_snapshots(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = r
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect();
+    (ids, r.next_token)
+}
+
+/// A CreateVolume of `bytes` (0: the source's size) made from `source`.
+async fn create_from(
+    c: &Ctl,
+    name: &str,
+    bytes: i64,
+    limit: i64,
+    source: csi::volume_content_source::Type,
+) -> Result<csi::Volume, tonic::Status> {
+    let mut req = create_req(name, bytes, &[]);
+    req.capacity_range = Some(csi::CapacityRange {
+        required_bytes: bytes,
+        limit_bytes: limit,
+    });
+    req.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(source),
+    });
+    c.controller()
+        .create_volume(req)
+        .await
+        .map(|r| r.into_inner().volume.unwrap())
+}
+
+fn from_snapshot(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+        snapshot_id: id.into(),
+    })
+}
+
+fn from_volume(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
+        volume_id: id.into(),
+    })
+}
+
+/// Publishes, stages and node-publishes `vol` on `node`.
+async fn mount_on(c: &Ctl, dir: &Path, vol: &str, node: usize, fs: &str) -> Paths {
+    let cap = cap(Some(fs));
+    let ctx = publish(c, vol, node, &cap).await.publish_context;
+    let p = paths(dir, vol, node);
+    stage(c, vol, node, &p, &cap, &ctx).await.unwrap();
+    node_publish(c, vol, node, &p, &p.target, &cap, false)
+        .await
+        .unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_restore_and_clone_carry_files_into_new_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path()).await;
+    let src = "pvc-snap-src";
+    c.controller()
+        .create_volume(create_req(src, (256 * MIB) as i64, &[]))
+        .await
+        .unwrap();
+    let pa = mount_on(&c, dir.path(), src, 0, "ext4").await;
+    let (one, two) = (pattern(1, 3 * MIB as usize), pattern(2, MIB as usize));
+    write_file(&pa.target.join("one"), &one);
+    write_file(&pa.target.join("two"), &two);
+
+    // Taken through the engine while the volume serves.
+    let s1 = snapshot(&c, "snapshot-a1", src).await.unwrap();
+    assert!(s1.ready_to_use);
+    assert_eq!(
+        (s1.size_bytes, s1.source_volume_id.as_str()),
+        ((256 * MIB) as i64, src)
+    );
+    let again = snapshot(&c, "snapshot-a1", src).await.unwrap();
+    assert_eq!(again, s1, "the same name twice is the same snapshot");
+    let e = snapshot(&c, "snapshot-a1", "pvc-other").await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = snapshot(&c, "", src).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = snapshot(&c, "snapshot-x", "").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = snapshot(&c, "snapshot-x", "pvc-none").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // The volume moves on after the snapshot.
+    let three = pattern(3, 2 * MIB as usize);
+    write_file(&pa.target.join("one"), &three);
+    std::fs::remove_file(pa.target.join("two")).unwrap();
+    write_file(&pa.target.join("three"), &three);
+
+    // Restore into a larger volume: the snapshot's files, and a
+    // filesystem grown to the new size when staged.
+    let e = create_from(
+        &c,
+        "pvc-small",
+        0,
+        (128 * MIB) as i64,
+        from_snapshot(&s1.snapshot_id),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let e = create_from(&c, "pvc-lost", 0, 0, from_snapshot("snapshot-none"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = create_from(&c, "pvc-lost", 0, 0, from_volume("pvc-none"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let restored = "pvc-restored";
+    let v = create_from(
+        &c,
+        restored,
+        (512 * MIB) as i64,
+        0,
+        from_snapshot(&s1.snapshot_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v.capacity_bytes, (512 * MIB) as i64);
+    assert_eq!(
+        v.content_source.unwrap().r#type,
+        Some(from_snapshot(&s1.snapshot_id))
+    );
+    assert_eq!(
+        create_from(
+            &c,
+            restored,
+            (512 * MIB) as i64,
+            0,
+            from_snapshot(&s1.snapshot_id)
+        )
+        .await
+        .unwrap()
+        .volume_id,
+        v.volume_id,
+        "idempotent"
+    );
+    let e = create_from(&c, restored, (512 * MIB) as i64, 0, from_volume(src))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "another source: {e:?}");
+    assert_eq!(c.replica_dirs(restored).len(), 3);
+    let pb = mount_on(&c, dir.path(), restored, 1, "ext4").await;
+    assert_eq!(std::fs::read(pb.target.join("one")).unwrap(), one);
+    assert_eq!(std::fs::read(pb.target.join("two")).unwrap(), two);
+    assert!(!pb.target.join("three").exists());
+    assert!(fs_bytes(&pb.target) > 400 * MIB, "{}", fs_bytes(&pb.target));
+
+    // Clone the live source: its files as they are now.
+    let cloned = "pvc-cloned";
+    let v = create_from(&c, cloned, 0, 0, from_volume(src))
+        .await
+        .unwrap();
+    assert_eq!(v.capacity_bytes, (256 * MIB) as i64);
+    let pc = mount_on(&c, dir.path(), cloned, 2, "ext4").await;
+    assert_eq!(std::fs::read(pc.target.join("one")).unwrap(), three);
+    assert_eq!(std::fs::read(pc.target.join("three")).unwrap(), three);
+    assert!(!pc.target.join("two").exists());
+    // Volumes made from others are independent: writes stay apart.
+    write_file(&pc.target.join("one"), &two);
+    assert_eq!(std::fs::read(pa.target.join("one")).unwrap(), three);
+    assert_eq!(std::fs::read(pb.target.join("one")).unwrap(), one);
+    // The clone's transient snapshot is gone from the source's replicas.
+    for d in c.replica_dirs(src) {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!n.contains("clone."), "{} left in {}", n, d.display());
+        }
+    }
+
+    // Detached: a snapshot is taken on each resting replica.
+    tear_down(&c, src, 0, &pa, &[&pa.target]).await;
+    let e = c
+        .controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: src.into(),
+            secrets: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "has snapshots: {e:?}");
+    let s2 = snapshot(&c, "snapshot-a2", src).await.unwrap();
+    let (all, next) = list_snapshots(
+        &c,
+        csi::ListSnapshotsRequest {
+            source_volume_id: src.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        (all.clone(), next),
+        (
+            vec![s1.snapshot_id.clone(), s2.snapshot_id.clone()],
+            String::new()
+        )
+    );
+    let (first, next) = list_snapshots(
+        &c,
+        csi::ListSnapshotsRequest {
+            max_entries: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (rest, last) = list_snapshots(
+        &c,
+        csi::ListSnapshotsRequest {
+            starting_token: next,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(([first, rest].concat(), last), (all, String::new()));
+    let (one_id, _) = list_snapshots(
+        &c,
+        csi::ListSnapshotsRequest {
+            snapshot_id: s2.snapshot_id.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(one_id, vec![s2.snapshot_id.clone()]);
+    let (none, _) = list_snapshots(
+        &c,
+        csi::ListSnapshotsRequest {
+            snapshot_id: "snapshot-none".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.is_empty());
+    let again = "pvc-restored-2";
+    create_from(&c, again, 0, 0, from_snapshot(&s2.snapshot_id))
+        .await
+        .unwrap();
+    let pd = mount_on(&c, dir.path(), again, 0, "ext4").await;
+    assert_eq!(std::fs::read(pd.target.join("three")).unwrap(), three);
+
+    // Deleting a snapshot leaves what was restored from it.
+    for _ in 0..2 {
+        delete_snapshot(&c, &s1.snapshot_id).await.unwrap();
+    }
+    assert_eq!(std::fs::read(pb.target.join("two")).unwrap(), two);
+    let e = delete_snapshot(&c, "").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    for (vol, node, p) in [(restored, 1, &pb), (cloned, 2, &pc), (again, 0, &pd)] {
+        tear_down(&c, vol, node, p, &[&p.target]).await;
+    }
+
+    // An xfs restore mounts beside its source, though both carry one UUID.
+    let xsrc = "pvc-snap-xfs";
+    let mut req = create_req(xsrc, (320 * MIB) as i64, &[]);
+    req.volume_capabilities = vec![cap(Some("xfs"))];
+    c.controller().create_volume(req).await.unwrap();
+    let px = mount_on(&c, dir.path(), xsrc, 0, "xfs").await;
+    write_file(&px.target.join("x"), &one);
+    let sx = snapshot(&c, "snapshot-x1", xsrc).await.unwrap();
+    let xcopy = "pvc-snap-xfs-copy";
+    create_from(&c, xcopy, 0, 0, from_snapshot(&sx.snapshot_id))
+        .await
+        .unwrap();
+    let py = mount_on(&c, dir.path(), xcopy, 0, "xfs").await;
+    assert_eq!(std::fs::read(py.target.join("x")).unwrap(), one);
+    tear_down(&c, xcopy, 0, &py, &[&py.target]).await;
+    tear_down(&c, xsrc, 0, &px, &[&px.target]).await;
+    delete_snapshot(&c, &sx.snapshot_id).await.unwrap();
+
+    delete_snapshot(&c, &s2.snapshot_id).await.unwrap();
+    for vol in [src, restored, cloned, again, xsrc, xcopy] {
+        c.controller()
+            .delete_volume(csi::DeleteVolumeRequest {
+                volume_id: vol.into(),
+                secrets: Default::default(),
+            })
+            .await
+            .unwrap();
+        assert!(c.replica_dirs(vol).is_empty(), "{vol}'s replicas remain");
+    }
 }

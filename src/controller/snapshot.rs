@@ -1,0 +1,199 @@
+//! Snapshots, and volumes made from them (restore) or from another volume
+//! (clone), as the controller drives them through the nodes' agents.
+//!
+//! A snapshot is a chain layer named by the snapshot id on every replica
+//! of its volume. A published volume takes it through its engine, which
+//! holds I/O so every replica snapshots the same content; a detached one
+//! on each replica directly (nothing writes to them). A restore fills
+//! each new replica, on its own node, from one replica of the source that
+//! holds the snapshot ([`crate::replica::copy::restore`]); a clone is a
+//! restore from a transient snapshot of the source volume, removed after.
+//!
+//! Every step is idempotent, so a CO retry after any failure finishes the
+//! job: a snapshot record exists (not ready) before any replica is touched,
+//! and a new volume keeps its source in its record while it is `Creating`.
+
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+
+use tonic::Status;
+
+use super::model::{ContentSource, SnapshotRecord, VolumeRecord, SNAPSHOTS, VOLUMES};
+use super::service::{agent_failed, store_status, Controller};
+use crate::api::agent;
+
+/// How long a node may take to fill one replica of a restored volume.
+const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl Controller {
+    /// Takes (or with `remove`, removes) snapshot `snapshot` on every
+    /// replica of `v`: through its engine when published, else on each
+    /// replica. Done already counts as success.
+    pub(super) async fn snapshot_volume(
+        &self,
+        v: &VolumeRecord,
+        snapshot: &str,
+        remove: bool,
+    ) -> Result<(), Status> {
+        if let Some(node) = &v.published_node {
+            return self
+                .agent(node)
+                .await?
+                .engine_snapshot(agent::EngineSnapshotRequest {
+                    volume_id: v.id.clone(),
+                    snapshot: snapshot.to_owned(),
+                    remove,
+                    labels: HashMap::new(),
+                })
+                .await
+                .map(drop)
+                .map_err(|e| agent_failed(node, &e));
+        }
+        // Every replica must take part: one left without the layer would
+        // have a chain the others do not share.
+        let calls = v.replicas.iter().map(|rep| async move {
+            self.agent(&rep.node)
+                .await?
+                .replica_snapshot(agent::ReplicaSnapshotRequest {
+                    volume_id: v.id.clone(),
+                    replica_name: rep.name.clone(),
+                    snapshot: snapshot.to_owned(),
+                    remove,
+                    labels: HashMap::new(),
+                })
+                .await
+                .map(drop)
+                .map_err(|e| agent_failed(&rep.node, &e))
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// The size a volume made from `src` must have at least, checking
+    /// that the source exists (NOT_FOUND) and can be copied now.
+    pub(super) fn source_size(&self, src: &ContentSource) -> Result<u64, Status> {
+        match src {
+            ContentSource::Snapshot(id) => {
+                let s = SNAPSHOTS
+                    .get(&*self.store, id)
+                    .map_err(store_status)?
+                    .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))?
+                    .value;
+                if !s.ready {
+                    return Err(Status::unavailable(format!(
+                        "snapshot {id} is not ready yet; retry"
+                    )));
+                }
+                Ok(s.size)
+            }
+            ContentSource::Volume(id) => {
+                let v = VOLUMES
+                    .get(&*self.store, id)
+                    .map_err(store_status)?
+                    .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?
+                    .value;
+                check_snapshottable(&v)?;
+                Ok(v.size)
+            }
+        }
+    }
+
+    /// Fills every replica of new volume `v` (created, resting) from `src`.
+    pub(super) async fn fill(&self, v: &VolumeRecord, src: &ContentSource) -> Result<(), Status> {
+        let (volume, snapshot, transient) = match src {
+            ContentSource::Snapshot(id) => {
+                let s = SNAPSHOTS
+                    .get(&*self.store, id)
+                    .map_err(store_status)?
+                    .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))?;
+                (s.value.volume, id.clone(), false)
+            }
+            ContentSource::Volume(id) => (id.clone(), super::model::clone_snapshot(&v.id), true),
+        };
+        // The source volume's slot keeps its snapshot from being removed
+        // (and it from being deleted) while the copy reads it.
+        let _busy = self.begin(&volume)?;
+        let source = VOLUMES
+            .get(&*self.store, &volume)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {volume} does not exist")))?
+            .value;
+        if transient {
+            check_snapshottable(&source)?;
+            self.snapshot_volume(&source, &snapshot, false).await?;
+        }
+        let sources: Vec<String> = source
+            .replicas
+            .iter()
+            .filter_map(|r| r.address.clone())
+            .collect();
+        let fills = v.replicas.iter().enumerate().map(|(i, rep)| {
+            let (sources, snapshot) = (&sources, &snapshot);
+            async move {
+                let mut a = self.agent_for(&rep.node, RESTORE_TIMEOUT).await?;
+                let mut last = Status::failed_precondition("the source volume has no replica");
+                // Any source replica holding the snapshot will do; one that
+                // is down or was away when it was taken is skipped. Each
+                // target starts at a different one to spread the reads.
+                let n = sources.len();
+                for addr in (0..n).map(|k| &sources[(i + k) % n]) {
+                    let req = agent::RestoreReplicaRequest {
+                        volume_id: v.id.clone(),
+                        replica_name: rep.name.clone(),
+                        source_address: addr.clone(),
+                        snapshot: snapshot.clone(),
+                    };
+                    match a.restore_replica(req).await {
+                        Ok(r) => {
+                            tracing::info!(volume.id = %v.id, replica = %rep.name, source = %addr,
+                                copied_bytes = r.into_inner().copied_bytes, "replica filled");
+                            return Ok(());
+                        }
+                        Err(e) => last = agent_failed(&rep.node, &e),
+                    }
+                }
+                Err(last)
+            }
+        });
+        futures_util::future::join_all(fills)
+            .await
+            .into_iter()
+            .collect::<Result<(), Status>>()?;
+        if transient {
+            self.snapshot_volume(&source, &snapshot, true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `v` is in a state a snapshot can be taken in.
+pub(super) fn check_snapshottable(v: &VolumeRecord) -> Result<(), Status> {
+    use super::model::VolumeState as S;
+    if matches!(v.state, S::Detached | S::Attached | S::Degraded) {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "volume {} is {}; it cannot be snapshotted or copied now",
+            v.id,
+            format!("{:?}", v.state).to_lowercase()
+        )))
+    }
+}
+
+/// `s` as CSI reports it.
+pub(super) fn csi_snapshot(s: &SnapshotRecord) -> crate::csi::Snapshot {
+    crate::csi::Snapshot {
+        size_bytes: i64::try_from(s.size).unwrap_or(i64::MAX),
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.volume.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created_secs,
+            nanos: s.created_nanos,
+        }),
+        ready_to_use: s.ready,
+        group_snapshot_id: String::new(),
+    }
+}
