@@ -9,8 +9,9 @@
 //! Status (issue 5, in progress): volumes are created, published (engine
 //! on the node), grown, snapshotted, restored, cloned and deleted through
 //! the nodes' agents ([`snapshot`] holds the snapshot paths); failed
-//! replicas that serve again are rebuilt. ModifyVolume and replacing a
-//! replica lost for longer than `staleReplicaTimeout` come next.
+//! replicas that serve again are rebuilt, and one away for longer than
+//! `staleReplicaTimeout` is replaced on another node ([`health`]).
+//! ModifyVolume comes next.
 //!
 //! It talks to nodes over their gRPC agent API, never by calling
 //! `crate::node` code, and must not import `crate::node` (enforced by

@@ -56,6 +56,11 @@ pub struct ReplicaRecord {
     /// host:port its process serves on, once the node started it.
     #[serde(default)]
     pub address: Option<String>,
+    /// Unix seconds since when the engine has had it failed and it has
+    /// not come back; after the volume's `staleReplicaTimeout` it is
+    /// replaced on another node.
+    #[serde(default)]
+    pub failed_since: Option<u64>,
 }
 
 /// A volume, as stored under [`VOLUMES`].
@@ -76,10 +81,13 @@ pub struct VolumeRecord {
     /// The node the volume is published to, if any.
     #[serde(default)]
     pub published_node: Option<String>,
-    /// What the volume's data was made from; kept while it is
-    /// `Creating` so a retried create finishes the copy.
+    /// What the volume's data was made from: a retried create finishes
+    /// the copy from it, and CSI reports it.
     #[serde(default)]
     pub source: Option<ContentSource>,
+    /// Replaced replicas whose deletion waits for their node to answer.
+    #[serde(default)]
+    pub retired: Vec<ReplicaRecord>,
 }
 
 /// A volume's initial content.

@@ -25,8 +25,8 @@ use crate::csi::volume_capability::access_mode::Mode;
 use crate::store::{self, Expect, Store};
 
 use super::model::{
-    snapshot_id, volume_id, ContentSource, NodeRecord, SnapshotRecord, VolumeRecord, VolumeState,
-    NAMES, NODES, SNAPSHOTS, VOLUMES, ZONE_KEY,
+    snapshot_id, volume_id, ContentSource, NodeRecord, ReplicaRecord, SnapshotRecord, VolumeRecord,
+    VolumeState, NAMES, NODES, SNAPSHOTS, VOLUMES, ZONE_KEY,
 };
 use super::params::{FsType, VolumeParams};
 use super::scheduler::{self, Candidate, Disk};
@@ -80,7 +80,7 @@ impl Drop for Busy<'_> {
     }
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -271,7 +271,7 @@ impl Controller {
         })
     }
 
-    fn nodes(&self) -> Result<Vec<NodeRecord>, Status> {
+    pub(super) fn nodes(&self) -> Result<Vec<NodeRecord>, Status> {
         Ok(NODES
             .all(&*self.store)
             .map_err(store_status)?
@@ -281,17 +281,17 @@ impl Controller {
     }
 
     /// Bytes scheduled per (node, disk) by every volume's replicas.
-    fn scheduled(&self) -> Result<BTreeMap<(String, String), u64>, Status> {
+    pub(super) fn scheduled(&self) -> Result<BTreeMap<(String, String), u64>, Status> {
         let mut used = BTreeMap::new();
         for (_, v) in VOLUMES.all(&*self.store).map_err(store_status)? {
-            for r in &v.value.replicas {
+            for r in v.value.replicas.iter().chain(&v.value.retired) {
                 *used.entry((r.node.clone(), r.disk.clone())).or_default() += v.value.size;
             }
         }
         Ok(used)
     }
 
-    fn get_volume(&self, id: &str) -> Result<Option<VolumeRecord>, Status> {
+    pub(super) fn get_volume(&self, id: &str) -> Result<Option<VolumeRecord>, Status> {
         Ok(VOLUMES
             .get(&*self.store, id)
             .map_err(store_status)?
@@ -377,21 +377,10 @@ impl Controller {
     /// the volume detached (ready). Any failure leaves the volume
     /// `Creating` for a retry to resume.
     async fn realize(&self, mut v: VolumeRecord, version: u64) -> Result<VolumeRecord, Status> {
-        let creations = v.replicas.iter().map(|rep| {
-            let (id, size) = (v.id.clone(), v.size);
-            async move {
-                let mut a = self.agent(&rep.node).await?;
-                a.create_replica(agent::CreateReplicaRequest {
-                    volume_id: id,
-                    replica_name: rep.name.clone(),
-                    disk_path: rep.disk.clone(),
-                    size_bytes: size,
-                })
-                .await
-                .map(|r| r.into_inner().address)
-                .map_err(|e| agent_failed(&rep.node, &e))
-            }
-        });
+        let creations = v
+            .replicas
+            .iter()
+            .map(|rep| self.create_replica(&v.id, v.size, rep));
         let results = futures_util::future::join_all(creations).await;
         for (rep, res) in v.replicas.iter_mut().zip(results) {
             rep.address = Some(res?);
@@ -404,6 +393,45 @@ impl Controller {
             .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
             .map_err(store_status)?;
         Ok(v)
+    }
+
+    /// Asks `rep`'s node to delete it (its process and directory).
+    pub(super) async fn delete_replica(
+        &self,
+        volume: &str,
+        rep: &ReplicaRecord,
+    ) -> Result<(), Status> {
+        self.agent(&rep.node)
+            .await?
+            .delete_replica(agent::DeleteReplicaRequest {
+                volume_id: volume.to_owned(),
+                replica_name: rep.name.clone(),
+                disk_path: rep.disk.clone(),
+            })
+            .await
+            .map(drop)
+            .map_err(|e| agent_failed(&rep.node, &e))
+    }
+
+    /// Asks `rep`'s node to create it (or find it) at `size` bytes; the
+    /// address it serves on.
+    pub(super) async fn create_replica(
+        &self,
+        volume: &str,
+        size: u64,
+        rep: &ReplicaRecord,
+    ) -> Result<String, Status> {
+        self.agent(&rep.node)
+            .await?
+            .create_replica(agent::CreateReplicaRequest {
+                volume_id: volume.to_owned(),
+                replica_name: rep.name.clone(),
+                disk_path: rep.disk.clone(),
+                size_bytes: size,
+            })
+            .await
+            .map(|r| r.into_inner().address)
+            .map_err(|e| agent_failed(&rep.node, &e))
     }
 
     /// Whether every disk holding one of `v`'s replicas has room for it to
@@ -430,7 +458,7 @@ impl Controller {
         Ok(())
     }
 
-    fn scheduler_request(
+    pub(super) fn scheduler_request(
         p: &VolumeParams,
         size: u64,
         allowed: Option<BTreeSet<String>>,
@@ -446,7 +474,7 @@ impl Controller {
     }
 }
 
-fn candidates(nodes: &[NodeRecord]) -> Vec<Candidate<'_>> {
+pub(super) fn candidates(nodes: &[NodeRecord]) -> Vec<Candidate<'_>> {
     nodes
         .iter()
         .map(|n| Candidate {
@@ -584,11 +612,12 @@ impl csi::controller_server::Controller for Arc<Controller> {
         let replicas = placed
             .into_iter()
             .enumerate()
-            .map(|(i, p)| super::model::ReplicaRecord {
+            .map(|(i, p)| ReplicaRecord {
                 name: format!("r{i}"),
                 node: p.node,
                 disk: p.disk,
                 address: None,
+                failed_since: None,
             })
             .collect::<Vec<_>>();
         let v = VolumeRecord {
@@ -600,6 +629,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             replicas,
             published_node: None,
             source,
+            retired: Vec::new(),
         };
         // The placement is recorded before any node acts on it, so a crash
         // or a failed node leaves a record a retry resumes, never replicas
@@ -670,20 +700,17 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 )])
                 .map_err(store_status)?;
         }
-        let deletions = rec.replicas.iter().map(|rep| {
-            let id = rec.id.clone();
-            async move {
-                let mut a = self.agent(&rep.node).await?;
-                a.delete_replica(agent::DeleteReplicaRequest {
-                    volume_id: id,
-                    replica_name: rep.name.clone(),
-                    disk_path: rep.disk.clone(),
-                })
-                .await
-                .map(|_| ())
-                .map_err(|e| agent_failed(&rep.node, &e))
+        for rep in &rec.retired {
+            // A replaced replica's node may never come back; its copy is
+            // stale and unused, so the volume does not wait for it.
+            if let Err(e) = self.delete_replica(&rec.id, rep).await {
+                tracing::warn!(volume.id = %rec.id, replica = %rep.name, node.id = %rep.node, error = %e.message(), "replaced replica left on its node");
             }
-        });
+        }
+        let deletions = rec
+            .replicas
+            .iter()
+            .map(|rep| self.delete_replica(&rec.id, rep));
         for res in futures_util::future::join_all(deletions).await {
             res?;
         }

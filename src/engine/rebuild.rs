@@ -116,7 +116,9 @@ impl Volume {
         Ok(())
     }
 
-    /// Takes replica `addr` out of the volume (it receives nothing more).
+    /// Takes replica `addr` out of the volume: it receives nothing more and
+    /// no longer counts toward the volume's health (adding it back later
+    /// rebuilds it like any stale replica).
     pub async fn remove_replica(&self, addr: &str) -> Result<(), Error> {
         let i = self
             .inner
@@ -125,6 +127,7 @@ impl Volume {
             .position(|s| s.addr == addr)
             .ok_or_else(|| Error::UnknownReplica { addr: addr.into() })?;
         self.inner.fail(i, &"removed by request");
+        self.inner.slots()[i].removed = true;
         self.inner.settle_epoch().await
     }
 }

@@ -176,6 +176,10 @@ pub(super) struct Slot {
     pub(super) metrics: Arc<Handles>,
     /// Reads sent to it and not answered yet.
     pub(super) reads: Arc<AtomicUsize>,
+    /// Taken out on request: failed, and no longer part of the volume's
+    /// health or status (its index stays, so in-flight work that names
+    /// slots by index is not confused).
+    pub(super) removed: bool,
 }
 
 /// One read in flight on a replica; counted down when dropped.
@@ -203,6 +207,7 @@ impl Slot {
             rebuild: None,
             metrics: Arc::new(metrics.replica_handles(addr)),
             reads: Arc::default(),
+            removed: false,
         }
     }
 
@@ -477,7 +482,8 @@ impl Volume {
 
     /// Health and every replica's mode.
     pub fn status(&self) -> VolumeStatus {
-        let slots = self.inner.slots();
+        let all = self.inner.slots();
+        let slots: Vec<&Slot> = all.iter().filter(|s| !s.removed).collect();
         let rw = slots.iter().filter(|s| s.mode == Mode::ReadWrite).count();
         VolumeStatus {
             name: self.inner.name.clone(),

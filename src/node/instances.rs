@@ -997,6 +997,23 @@ impl Instances {
         Ok(())
     }
 
+    /// Takes replica `address` out of `volume`'s engine here; one the
+    /// engine does not know is out already.
+    pub async fn engine_remove_replica(&self, volume: &str, address: &str) -> Result<(), Error> {
+        let what = format!("removing replica {address} from the engine of {volume}");
+        match self
+            .engine_client(volume, &what)
+            .await?
+            .remove_replica(crate::engine::control::pb::ReplicaRequest {
+                address: address.to_owned(),
+            })
+            .await
+        {
+            Err(e) if e.code() != tonic::Code::NotFound => Err(Self::engine_refused(&what, &e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Grows `volume` online through its engine here to `size`; the engine
     /// restarts with the new size from then on.
     pub async fn expand_engine(&self, volume: &str, size: u64) -> Result<(), Error> {

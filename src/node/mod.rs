@@ -426,6 +426,18 @@ impl agent::agent_server::Agent for Arc<Node> {
         }))
     }
 
+    async fn engine_remove_replica(
+        &self,
+        r: Request<agent::EngineRemoveReplicaRequest>,
+    ) -> Result<Response<agent::EngineRemoveReplicaResponse>, Status> {
+        let r = r.into_inner();
+        self.instances
+            .engine_remove_replica(&r.volume_id, &r.address)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(agent::EngineRemoveReplicaResponse {}))
+    }
+
     async fn list_instances(
         &self,
         _r: Request<agent::ListInstancesRequest>,

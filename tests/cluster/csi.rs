@@ -60,6 +60,23 @@ impl NodeProc {
         self.proc = spawn_node(&self.args);
     }
 
+    /// SIGKILLs the node plugin and every replica process on its disk, as
+    /// a node that loses power would stop (its engines are left alone).
+    pub fn kill_with_replicas(&mut self) {
+        self.proc.0.kill().unwrap();
+        self.proc.0.wait().unwrap();
+        let pattern = format!("{}/replicas/", self.disk.display());
+        Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status()
+            .unwrap();
+    }
+
+    /// Starts the node plugin again with its command line.
+    pub fn restart(&mut self) {
+        self.proc = spawn_node(&self.args);
+    }
+
     /// A client of its agent API (waits for it to answer).
     pub async fn agent(&self) -> shorthorn::api::agent::agent_client::AgentClient<Channel> {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -266,14 +266,7 @@ async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_anoth
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    let e = c
-        .controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: vol.into(),
-            secrets: Default::default(),
-        })
-        .await
-        .unwrap_err();
+    let e = delete_volume(&c, vol).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let listed = c
         .controller()
@@ -467,13 +460,7 @@ async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_anoth
     assert_eq!(std::fs::read(p1.target.join("data.bin")).unwrap(), data);
     tear_down(&c, vol, 1, &p1, &[&p1.target]).await;
 
-    c.controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: vol.into(),
-            secrets: Default::default(),
-        })
-        .await
-        .unwrap();
+    delete_volume(&c, vol).await.unwrap();
     assert!(
         c.replica_dirs(vol).is_empty(),
         "replica directories removed"
@@ -1116,6 +1103,16 @@ async fn volumes_grow_online_and_offline_with_their_filesystems() {
     assert_eq!(e.code(), Code::FailedPrecondition, "not staged: {e:?}");
 }
 
+async fn delete_volume(c: &Ctl, vol: &str) -> Result<(), tonic::Status> {
+    c.controller()
+        .delete_volume(csi::DeleteVolumeRequest {
+            volume_id: vol.into(),
+            secrets: Default::default(),
+        })
+        .await
+        .map(drop)
+}
+
 async fn snapshot(c: &Ctl, name: &str, vol: &str) -> Result<csi::Snapshot, tonic::Status> {
     c.controller()
         .create_snapshot(csi::CreateSnapshotRequest {
@@ -1320,14 +1317,7 @@ async fn snapshots_restore_and_clone_carry_files_into_new_volumes() {
 
     // Detached: a snapshot is taken on each resting replica.
     tear_down(&c, src, 0, &pa, &[&pa.target]).await;
-    let e = c
-        .controller()
-        .delete_volume(csi::DeleteVolumeRequest {
-            volume_id: src.into(),
-            secrets: Default::default(),
-        })
-        .await
-        .unwrap_err();
+    let e = delete_volume(&c, src).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "has snapshots: {e:?}");
     let s2 = snapshot(&c, "snapshot-a2", src).await.unwrap();
     let (all, next) = list_snapshots(
@@ -1419,13 +1409,91 @@ async fn snapshots_restore_and_clone_carry_files_into_new_volumes() {
 
     delete_snapshot(&c, &s2.snapshot_id).await.unwrap();
     for vol in [src, restored, cloned, again, xsrc, xcopy] {
-        c.controller()
-            .delete_volume(csi::DeleteVolumeRequest {
-                volume_id: vol.into(),
-                secrets: Default::default(),
-            })
-            .await
-            .unwrap();
+        delete_volume(&c, vol).await.unwrap();
         assert!(c.replica_dirs(vol).is_empty(), "{vol}'s replicas remain");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    c.add_node(dir.path(), 3, "z1", 10).await;
+    let vol = "pvc-stale";
+    c.controller()
+        .create_volume(create_req(
+            vol,
+            (128 * MIB) as i64,
+            &[("staleReplicaTimeout", "2s")],
+        ))
+        .await
+        .unwrap();
+    let rec = c.record(vol).await;
+    let holders: Vec<usize> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
+        .collect();
+    let (engine_node, victim) = (holders[0], holders[1]);
+    let spare = (0..4).find(|n| !holders.contains(n)).unwrap();
+    let p = mount_on(&c, dir.path(), vol, engine_node, "ext4").await;
+    let keep = pattern(7, 4 * MIB as usize);
+    write_file(&p.target.join("keep"), &keep);
+    healthy(&mut c, vol, engine_node).await;
+
+    // The victim's node goes down with its replica: the volume serves on,
+    // degraded, and after the timeout a replica on the spare node takes
+    // the lost one's place and is rebuilt.
+    c.nodes[victim].kill_with_replicas();
+    let during = pattern(8, 2 * MIB as usize);
+    write_file(&p.target.join("during"), &during);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let rec = loop {
+        let r = c.record(vol).await;
+        let nodes: Vec<String> = r["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["node"].as_str().unwrap().to_owned())
+            .collect();
+        if nodes.contains(&format!("node-{spare}")) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never replaced: {r}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(rec["retired"][0]["node"], format!("node-{victim}"));
+    healthy(&mut c, vol, engine_node).await;
+    assert_eq!(std::fs::read(p.target.join("keep")).unwrap(), keep);
+    assert_eq!(std::fs::read(p.target.join("during")).unwrap(), during);
+    // Every replica in the record, the new one included, holds the same
+    // bytes.
+    let rec = c.record(vol).await;
+    let mut sums = Vec::new();
+    for r in rec["replicas"].as_array().unwrap() {
+        let client = shorthorn::replica::client::Client::connect(r["address"].as_str().unwrap())
+            .await
+            .unwrap();
+        sums.push(client.checksum(0, 128 * MIB).await.unwrap());
+        client.shutdown();
+    }
+    assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
+
+    // The victim's node comes back: its stale copy is deleted, not reused.
+    c.nodes[victim].restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = c.record(vol).await;
+        let left = c.nodes[victim].disk.join("replicas");
+        let gone = std::fs::read_dir(&left).map_or(true, |mut d| d.next().is_none());
+        if r["retired"].as_array().is_none_or(Vec::is_empty) && gone {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never retired: {r}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    tear_down(&c, vol, engine_node, &p, &[&p.target]).await;
+    delete_volume(&c, vol).await.unwrap();
+    assert!(c.replica_dirs(vol).is_empty());
 }
