@@ -29,6 +29,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::model::{ReplicaRecord, VolumeRecord, VolumeState, VOLUMES};
+use super::params::DataLocality;
 use super::scheduler;
 use super::service::{candidates, now, Controller, OVER_PROVISIONING};
 use crate::api::agent;
@@ -83,13 +84,22 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
         })
         .await?
         .into_inner();
-    let state = match st.health.as_str() {
-        "healthy" => VolumeState::Attached,
-        "degraded" => VolumeState::Degraded,
-        _ => VolumeState::Faulted,
-    };
     let Some(v) = ctl.get_volume(id)? else {
         return Ok(());
+    };
+    // Healthy means as many replicas as asked for, all in the engine and
+    // read-write: the engine knows its members, the record the rest.
+    let all_rw = v.replicas.iter().all(|rep| {
+        st.replicas
+            .iter()
+            .any(|r| Some(r.address.as_str()) == rep.address.as_deref() && r.mode == "read_write")
+    });
+    let state = match st.health.as_str() {
+        "healthy" | "degraded" if all_rw && v.replicas.len() >= v.params.replicas as usize => {
+            VolumeState::Attached
+        }
+        "healthy" | "degraded" => VolumeState::Degraded,
+        _ => VolumeState::Faulted,
     };
     let mut seen = Vec::with_capacity(v.replicas.len());
     for rep in &v.replicas {
@@ -165,7 +175,7 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
             .map_err(|e| Status::aborted(e.to_string()))?;
     }
     for i in stale {
-        match replace(ctl, &mut a, v, version, i).await {
+        match grow(ctl, &mut a, v, version, None, Some(i)).await {
             Ok((nv, ver)) => (v, version) = (nv, ver),
             Err(e) => {
                 tracing::warn!(volume.id = %id, error = %e.message(), "cannot replace a stale replica yet");
@@ -173,22 +183,147 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
             }
         }
     }
+    // The engine's membership follows the record: a replica it still has
+    // that the record no longer names (retired, or surplus) goes.
+    for r in &st.replicas {
+        let named = v
+            .replicas
+            .iter()
+            .any(|x| x.address.as_deref() == Some(r.address.as_str()));
+        if !named {
+            let _ = a
+                .engine_remove_replica(agent::EngineRemoveReplicaRequest {
+                    volume_id: id.to_owned(),
+                    address: r.address.clone(),
+                })
+                .await;
+        }
+    }
+    if let Err(e) = reconcile(ctl, &mut a, v, version, &st, node).await {
+        tracing::debug!(volume.id = %id, error = %e.message(), "replica count or locality not reconciled yet");
+    }
     Ok(())
 }
 
-/// Replaces replica `i` of `v` (published, its engine reached through
-/// `a`) with a new one on a node holding none of the volume's replicas.
-/// The new placement and the retirement are recorded before any node acts,
-/// so a failure part-way leaves a record the next round carries on from.
-async fn replace(
+/// One step toward the replicas `v`'s parameters ask for (ModifyVolume
+/// changes them on a live volume): too few, and one is added and rebuilt;
+/// too many, and once every replica is read-write one is retired; with
+/// best-effort `dataLocality`, a replica is added on the engine's node
+/// `node` when it holds none (the surplus then goes elsewhere). Only a
+/// published volume is reconciled: its engine says which replicas hold
+/// current data, so a surplus replica removed is never the only fresh one.
+async fn reconcile(
     ctl: &Controller,
-    a: &mut agent::agent_client::AgentClient<tonic::transport::Channel>,
+    a: &mut Agent,
+    v: VolumeRecord,
+    version: u64,
+    st: &agent::EngineStatusResponse,
+    node: &str,
+) -> Result<(), Status> {
+    let rw = |rep: &ReplicaRecord| {
+        rep.address.as_deref().is_some_and(|addr| {
+            st.replicas
+                .iter()
+                .any(|r| r.address == addr && r.mode == "read_write")
+        })
+    };
+    // A replica placed but never created (its node failed the call).
+    if let Some(i) = v.replicas.iter().position(|r| r.address.is_none()) {
+        let mut v = v;
+        let addr = ctl.create_replica(&v.id, v.size, &v.replicas[i]).await?;
+        v.replicas[i].address = Some(addr.clone());
+        ctl.store
+            .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
+            .map_err(|e| Status::aborted(e.to_string()))?;
+        a.engine_add_replica(agent::EngineAddReplicaRequest {
+            volume_id: v.id.clone(),
+            address: addr,
+        })
+        .await?;
+        return Ok(());
+    }
+    let all_rw = v.replicas.iter().all(rw);
+    let want = v.params.replicas as usize;
+    let locality = v.params.data_locality == DataLocality::BestEffort;
+    let has_local = v.replicas.iter().any(|r| r.node == node);
+    let have = v.replicas.len();
+    if have < want {
+        let here = (locality && !has_local).then(|| BTreeSet::from([node.to_owned()]));
+        match grow(ctl, a, v.clone(), version, here.clone(), None).await {
+            // No room on the engine's node: placed anywhere instead.
+            Err(_) if here.is_some() => grow(ctl, a, v, version, None, None).await.map(drop),
+            r => r.map(drop),
+        }
+    } else if locality && !has_local && have == want && all_rw {
+        grow(
+            ctl,
+            a,
+            v,
+            version,
+            Some(BTreeSet::from([node.to_owned()])),
+            None,
+        )
+        .await
+        .map(drop)
+    } else if have > want && all_rw {
+        // The last one that is not the engine's local copy (when locality
+        // keeps that one).
+        let i = v
+            .replicas
+            .iter()
+            .rposition(|r| !(locality && r.node == node))
+            .unwrap_or(have - 1);
+        retire(ctl, a, v, version, i).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes replica `i` out of `v` (published; its engine reached through
+/// `a`): recorded as retired first, then removed from the engine; the
+/// next rounds delete it.
+async fn retire(
+    ctl: &Controller,
+    a: &mut Agent,
+    mut v: VolumeRecord,
+    version: u64,
+    i: usize,
+) -> Result<(), Status> {
+    let old = v.replicas.remove(i);
+    v.retired.push(old.clone());
+    ctl.store
+        .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
+        .map_err(|e| Status::aborted(e.to_string()))?;
+    tracing::info!(volume.id = %v.id, replica = %old.name, node.id = %old.node, "surplus replica retired");
+    if let Some(addr) = &old.address {
+        a.engine_remove_replica(agent::EngineRemoveReplicaRequest {
+            volume_id: v.id.clone(),
+            address: addr.clone(),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// An agent client.
+type Agent = agent::agent_client::AgentClient<tonic::transport::Channel>;
+
+/// Adds a replica to `v` (published, its engine reached through `a`) on a
+/// node holding none of the volume's replicas (and among `allowed`, if
+/// given), in place of replica `swap` (which is retired) or beside the
+/// others. The placement (and the retirement) is recorded before any node
+/// acts, so a failure part-way leaves a record the next round carries on
+/// from.
+async fn grow(
+    ctl: &Controller,
+    a: &mut Agent,
     mut v: VolumeRecord,
     mut version: u64,
-    i: usize,
+    allowed: Option<BTreeSet<String>>,
+    swap: Option<usize>,
 ) -> Result<(VolumeRecord, u64), Status> {
     let nodes = ctl.nodes()?;
-    let mut req = Controller::scheduler_request(&v.params, v.size, None);
+    let mut req = Controller::scheduler_request(&v.params, v.size, allowed);
     req.count = 1;
     req.excluded = v
         .replicas
@@ -224,21 +359,32 @@ async fn replace(
         address: None,
         failed_since: None,
     };
-    let old = std::mem::replace(&mut v.replicas[i], new.clone());
-    v.retired.push(old.clone());
+    let (i, old) = match swap {
+        Some(i) => {
+            let old = std::mem::replace(&mut v.replicas[i], new.clone());
+            v.retired.push(old.clone());
+            tracing::warn!(volume.id = %v.id, replica = %old.name, node.id = %old.node, to = %new.node,
+                "replica stale past staleReplicaTimeout; replacing it");
+            (i, Some(old))
+        }
+        None => {
+            v.replicas.push(new.clone());
+            tracing::info!(volume.id = %v.id, replica = %new.name, node.id = %new.node,
+                replicas = v.replicas.len(), "adding a replica");
+            (v.replicas.len() - 1, None)
+        }
+    };
     version = ctl
         .store
         .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
         .map_err(|e| Status::aborted(e.to_string()))?;
-    tracing::warn!(volume.id = %v.id, replica = %old.name, node.id = %old.node, to = %new.node,
-        "replica stale past staleReplicaTimeout; replacing it");
     let addr = ctl.create_replica(&v.id, v.size, &new).await?;
     v.replicas[i].address = Some(addr.clone());
     version = ctl
         .store
         .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(version))])
         .map_err(|e| Status::aborted(e.to_string()))?;
-    if let Some(old_addr) = &old.address {
+    if let Some(old_addr) = old.as_ref().and_then(|o| o.address.as_ref()) {
         a.engine_remove_replica(agent::EngineRemoveReplicaRequest {
             volume_id: v.id.clone(),
             address: old_addr.clone(),

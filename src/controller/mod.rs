@@ -10,8 +10,8 @@
 //! on the node), grown, snapshotted, restored, cloned and deleted through
 //! the nodes' agents ([`snapshot`] holds the snapshot paths); failed
 //! replicas that serve again are rebuilt, and one away for longer than
-//! `staleReplicaTimeout` is replaced on another node ([`health`]).
-//! ModifyVolume comes next.
+//! `staleReplicaTimeout` is replaced on another node, and a live volume's
+//! replica count and locality follow ModifyVolume ([`health`]).
 //!
 //! It talks to nodes over their gRPC agent API, never by calling
 //! `crate::node` code, and must not import `crate::node` (enforced by

@@ -45,18 +45,20 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const OVER_PROVISIONING: u64 = 200;
 
 /// Controller RPCs this build implements (and so advertises).
-const CAPABILITIES: [Rpc; 11] = [
+const CAPABILITIES: [Rpc; 13] = [
     Rpc::CreateDeleteVolume,
     Rpc::PublishUnpublishVolume,
     Rpc::ListVolumes,
     Rpc::ListVolumesPublishedNodes,
     Rpc::GetCapacity,
     Rpc::GetVolume,
+    Rpc::VolumeCondition,
     Rpc::SingleNodeMultiWriter,
     Rpc::ExpandVolume,
     Rpc::CreateDeleteSnapshot,
     Rpc::ListSnapshots,
     Rpc::CloneVolume,
+    Rpc::ModifyVolume,
 ];
 
 /// The controller's shared state.
@@ -1270,9 +1272,46 @@ impl csi::controller_server::Controller for Arc<Controller> {
 
     async fn controller_modify_volume(
         &self,
-        _r: Request<csi::ControllerModifyVolumeRequest>,
+        r: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
-        Err(not_advertised("MODIFY_VOLUME"))
+        let r = r.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id must not be empty"));
+        }
+        let _busy = self.begin(&r.volume_id)?;
+        let cur = VOLUMES
+            .get(&*self.store, &r.volume_id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let mut v = cur.value;
+        let mut params = v.params.clone();
+        params
+            .apply_mutable(&r.mutable_parameters)
+            .map_err(invalid)?;
+        if params.replicas > v.params.replicas {
+            // Room for the extra replicas, on nodes holding none yet.
+            let mut req = Controller::scheduler_request(&params, v.size, None);
+            req.count = (params.replicas - v.params.replicas) as usize;
+            req.excluded = v.replicas.iter().map(|x| x.node.clone()).collect();
+            let nodes = self.nodes()?;
+            scheduler::place(
+                &req,
+                &candidates(&nodes),
+                &self.scheduled()?,
+                OVER_PROVISIONING,
+            )
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        }
+        if params != v.params {
+            tracing::info!(volume.id = %v.id, replicas = params.replicas, locality = ?params.data_locality, "volume modified");
+            v.params = params;
+            self.store
+                .commit(vec![VOLUMES.put(&v.id, &v, Expect::Version(cur.version))])
+                .map_err(store_status)?;
+        }
+        // The health watch brings the replicas to the new count (and
+        // place) while the volume is published.
+        Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
     }
 }
 

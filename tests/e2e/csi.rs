@@ -187,6 +187,11 @@ async fn instances(c: &Ctl, node: usize) -> Vec<shorthorn::api::agent::Instance>
 /// Waits until the volume's engine on `node` has every replica read-write
 /// and the controller records it attached (healthy).
 async fn healthy(c: &mut Ctl, vol: &str, node: usize) {
+    healthy_with(c, vol, node, 3).await;
+}
+
+/// [`healthy`], with `n` replicas.
+async fn healthy_with(c: &mut Ctl, vol: &str, node: usize, n: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let st = c.nodes[node]
@@ -198,7 +203,7 @@ async fn healthy(c: &mut Ctl, vol: &str, node: usize) {
             .await
             .unwrap()
             .into_inner();
-        let all_rw = st.replicas.len() == 3 && st.replicas.iter().all(|r| r.mode == "read_write");
+        let all_rw = st.replicas.len() == n && st.replicas.iter().all(|r| r.mode == "read_write");
         if all_rw && st.health == "healthy" && c.record(vol).await["state"] == "attached" {
             return;
         }
@@ -1494,6 +1499,123 @@ async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     tear_down(&c, vol, engine_node, &p, &[&p.target]).await;
+    delete_volume(&c, vol).await.unwrap();
+    assert!(c.replica_dirs(vol).is_empty());
+}
+
+async fn modify(c: &Ctl, vol: &str, params: &[(&str, &str)]) -> Result<(), tonic::Status> {
+    c.controller()
+        .controller_modify_volume(csi::ControllerModifyVolumeRequest {
+            volume_id: vol.into(),
+            secrets: Default::default(),
+            mutable_parameters: params
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        })
+        .await
+        .map(drop)
+}
+
+/// Waits until `vol`'s record holds replicas on exactly `nodes` and no
+/// retired ones, with its engine on `engine` serving them all read-write;
+/// then checks every replica holds the same bytes.
+async fn settle(c: &mut Ctl, vol: &str, engine: usize, nodes: impl Fn(&[usize]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let rec = loop {
+        let r = c.record(vol).await;
+        let on: Vec<usize> = r["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["node"].as_str().unwrap()[5..].parse().unwrap())
+            .collect();
+        if nodes(&on) && r["retired"].as_array().is_none_or(Vec::is_empty) {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled: {r}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let reps = rec["replicas"].as_array().unwrap();
+    healthy_with(c, vol, engine, reps.len()).await;
+    let mut sums = Vec::new();
+    for r in reps {
+        let client = shorthorn::replica::client::Client::connect(r["address"].as_str().unwrap())
+            .await
+            .unwrap();
+        let size = rec["size"].as_u64().unwrap();
+        sums.push(client.checksum(0, size).await.unwrap());
+        client.shutdown();
+    }
+    assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modify_volume_changes_a_live_volumes_replica_count_and_locality() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    c.add_node(dir.path(), 3, "z1", 10).await;
+    let vol = "pvc-modify";
+    c.controller()
+        .create_volume(create_req(
+            vol,
+            (128 * MIB) as i64,
+            &[("numberOfReplicas", "2")],
+        ))
+        .await
+        .unwrap();
+    let holders: Vec<usize> = c.record(vol).await["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
+        .collect();
+    // The engine runs where no replica is.
+    let engine = (0..4).find(|n| !holders.contains(n)).unwrap();
+    let p = mount_on(&c, dir.path(), vol, engine, "ext4").await;
+    let keep = pattern(9, 4 * MIB as usize);
+    write_file(&p.target.join("keep"), &keep);
+
+    // Bad requests change nothing.
+    let e = modify(&c, vol, &[("fsType", "xfs")]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = modify(&c, vol, &[("numberOfReplicas", "0")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = modify(&c, vol, &[("numberOfReplicas", "5")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "four nodes: {e:?}");
+    let e = modify(&c, "pvc-none", &[("numberOfReplicas", "2")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = modify(&c, "", &[]).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(c.record(vol).await["params"]["replicas"], 2);
+
+    // Best-effort locality: a copy is made on the engine's node, then the
+    // surplus one elsewhere goes.
+    modify(&c, vol, &[("dataLocality", "best-effort")])
+        .await
+        .unwrap();
+    settle(&mut c, vol, engine, |on| {
+        on.len() == 2 && on.contains(&engine)
+    })
+    .await;
+    // More replicas: a third is added and rebuilt while the volume serves.
+    modify(&c, vol, &[("numberOfReplicas", "3")]).await.unwrap();
+    settle(&mut c, vol, engine, |on| {
+        on.len() == 3 && on.contains(&engine)
+    })
+    .await;
+    // Fewer: the local copy stays.
+    modify(&c, vol, &[("numberOfReplicas", "1")]).await.unwrap();
+    settle(&mut c, vol, engine, |on| on == [engine]).await;
+    assert_eq!(std::fs::read(p.target.join("keep")).unwrap(), keep);
+    write_file(&p.target.join("after"), &keep);
+    tear_down(&c, vol, engine, &p, &[&p.target]).await;
     delete_volume(&c, vol).await.unwrap();
     assert!(c.replica_dirs(vol).is_empty());
 }
