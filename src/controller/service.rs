@@ -293,6 +293,17 @@ impl Controller {
         Ok(used)
     }
 
+    /// Volume `id` with its version, or NOT_FOUND.
+    pub(super) fn existing(
+        &self,
+        id: &str,
+    ) -> Result<crate::store::Versioned<VolumeRecord>, Status> {
+        VOLUMES
+            .get(&*self.store, id)
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
+    }
+
     pub(super) fn get_volume(&self, id: &str) -> Result<Option<VolumeRecord>, Status> {
         Ok(VOLUMES
             .get(&*self.store, id)
@@ -749,10 +760,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             .ok_or_else(|| invalid("volume_capability must be given"))?;
         check_capability(cap).map_err(invalid)?;
         let _busy = self.begin(&r.volume_id)?;
-        let cur = VOLUMES
-            .get(&*self.store, &r.volume_id)
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let cur = self.existing(&r.volume_id)?;
         let node = NODES
             .get(&*self.store, &r.node_id)
             .map_err(store_status)?
@@ -890,12 +898,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         if r.volume_capabilities.is_empty() {
             return Err(invalid("volume_capabilities must not be empty"));
         }
-        if self.get_volume(&r.volume_id)?.is_none() {
-            return Err(Status::not_found(format!(
-                "volume {} does not exist",
-                r.volume_id
-            )));
-        }
+        self.existing(&r.volume_id)?;
         let bad: Vec<String> = r
             .volume_capabilities
             .iter()
@@ -1034,9 +1037,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 )));
             }
         }
-        let v = self.get_volume(&r.source_volume_id)?.ok_or_else(|| {
-            Status::not_found(format!("volume {} does not exist", r.source_volume_id))
-        })?;
+        let v = self.existing(&r.source_volume_id)?.value;
         let (mut rec, version) = match found {
             Some(f) if f.value.ready => {
                 return Ok(Response::new(csi::CreateSnapshotResponse {
@@ -1195,10 +1196,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             Some(csi::volume_capability::AccessType::Block(_))
         );
         let _busy = self.begin(&r.volume_id)?;
-        let cur = VOLUMES
-            .get(&*self.store, &r.volume_id)
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let cur = self.existing(&r.volume_id)?;
         let mut v = cur.value;
         let answer = |v: &VolumeRecord| csi::ControllerExpandVolumeResponse {
             capacity_bytes: i64::try_from(v.size).unwrap_or(i64::MAX),
@@ -1258,9 +1256,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         if r.volume_id.is_empty() {
             return Err(invalid("volume_id must not be empty"));
         }
-        let v = self
-            .get_volume(&r.volume_id)?
-            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let v = self.existing(&r.volume_id)?.value;
         Ok(Response::new(csi::ControllerGetVolumeResponse {
             volume: Some(Controller::csi_volume(&v)),
             status: Some(csi::controller_get_volume_response::VolumeStatus {
@@ -1279,10 +1275,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             return Err(invalid("volume_id must not be empty"));
         }
         let _busy = self.begin(&r.volume_id)?;
-        let cur = VOLUMES
-            .get(&*self.store, &r.volume_id)
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let cur = self.existing(&r.volume_id)?;
         let mut v = cur.value;
         let mut params = v.params.clone();
         params
@@ -1399,8 +1392,7 @@ impl mapi::manager_server::Manager for Arc<Controller> {
         r: Request<mapi::GetVolumeRequest>,
     ) -> Result<Response<mapi::GetVolumeResponse>, Status> {
         let id = r.into_inner().volume_id;
-        let v = Controller::get_volume(self, &id)?
-            .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let v = self.existing(&id)?.value;
         Ok(Response::new(mapi::GetVolumeResponse {
             volume_json: serde_json::to_string(&v).expect("records serialize"),
         }))

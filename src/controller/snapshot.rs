@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use tonic::Status;
 
-use super::model::{ContentSource, SnapshotRecord, VolumeRecord, SNAPSHOTS, VOLUMES};
+use super::model::{ContentSource, SnapshotRecord, VolumeRecord, SNAPSHOTS};
 use super::service::{agent_failed, store_status, Controller};
 use crate::api::agent;
 
@@ -90,11 +90,7 @@ impl Controller {
                 Ok(s.size)
             }
             ContentSource::Volume(id) => {
-                let v = VOLUMES
-                    .get(&*self.store, id)
-                    .map_err(store_status)?
-                    .ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?
-                    .value;
+                let v = self.existing(id)?.value;
                 check_snapshottable(&v)?;
                 Ok(v.size)
             }
@@ -116,11 +112,7 @@ impl Controller {
         // The source volume's slot keeps its snapshot from being removed
         // (and it from being deleted) while the copy reads it.
         let _busy = self.begin(&volume)?;
-        let source = VOLUMES
-            .get(&*self.store, &volume)
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("volume {volume} does not exist")))?
-            .value;
+        let source = self.existing(&volume)?.value;
         if transient {
             check_snapshottable(&source)?;
             self.snapshot_volume(&source, &snapshot, false).await?;

@@ -153,6 +153,9 @@ pub async fn copy_layers(
                 }
                 copied += bytes;
                 progress.copied.fetch_add(bytes, Ordering::Relaxed);
+                // A copy that dies here leaves a target flagged rebuilding
+                // with part of a layer: the next attempt must finish it.
+                crate::failpoint!("copy.chunk-copied");
                 if bytes_per_sec > 0 {
                     // Never ahead of the allowed rate.
                     let due = Duration::from_secs_f64(copied as f64 / bytes_per_sec as f64);

@@ -77,6 +77,27 @@ impl NodeProc {
         self.proc = spawn_node(&self.args);
     }
 
+    /// SIGKILLs the node plugin (its instances keep running) and starts it
+    /// again with `SHORTHORN_FAILPOINT=failpoint` (a build with the
+    /// `failpoints` feature aborts there).
+    pub fn restart_armed(&mut self, failpoint: &str) {
+        self.proc.0.kill().unwrap();
+        self.proc.0.wait().unwrap();
+        self.proc = Proc(
+            Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+                .args(&self.args)
+                .env("SHORTHORN_FAILPOINT", failpoint)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    /// Whether the node plugin process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.proc.0.try_wait(), Ok(Some(_)))
+    }
+
     /// A client of its agent API (waits for it to answer).
     pub async fn agent(&self) -> shorthorn::api::agent::agent_client::AgentClient<Channel> {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -1619,3 +1619,92 @@ async fn modify_volume_changes_a_live_volumes_replica_count_and_locality() {
     delete_volume(&c, vol).await.unwrap();
     assert!(c.replica_dirs(vol).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_killed_mid_copy_is_finished_by_the_retry_never_served_half_done() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    let src = "pvc-kill-src";
+    c.controller()
+        .create_volume(create_req(src, (256 * MIB) as i64, &[]))
+        .await
+        .unwrap();
+    let p = mount_on(&c, dir.path(), src, 0, "ext4").await;
+    let big = pattern(5, 16 * MIB as usize);
+    write_file(&p.target.join("big"), &big);
+    let s = snapshot(&c, "snapshot-k1", src).await.unwrap();
+    tear_down(&c, src, 0, &p, &[&p.target]).await;
+
+    // Node 1 dies (abort) right after copying its first chunk.
+    c.nodes[1].restart_armed("copy.chunk-copied");
+    c.nodes[1].agent().await;
+    let copy = "pvc-kill-copy";
+    create_from(&c, copy, 0, 0, from_snapshot(&s.snapshot_id))
+        .await
+        .unwrap_err();
+    assert!(c.nodes[1].exited(), "node-1 did not reach the failpoint");
+    // Half restored: still creating, so it cannot be published.
+    let rec = c.record(copy).await;
+    assert_eq!(rec["state"], "creating");
+    let e = c
+        .controller()
+        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+            volume_id: copy.into(),
+            node_id: "node-2".into(),
+            volume_capability: Some(cap(Some("ext4"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // The node comes back (adopting the half-filled replica), which
+    // is flagged rebuilding: no engine would trust it.
+    c.nodes[1].restart();
+    c.nodes[1].agent().await;
+    let target = instances(&c, 1)
+        .await
+        .into_iter()
+        .find(|i| i.kind == "replica" && i.volume_id == copy)
+        .unwrap();
+    let t = shorthorn::replica::client::Client::connect(&target.address)
+        .await
+        .unwrap();
+    assert!(t.info().await.unwrap().rebuilding);
+
+    // The CO retries: the copy is finished, and the restored volume holds
+    // the snapshot's file.
+    create_from(&c, copy, 0, 0, from_snapshot(&s.snapshot_id))
+        .await
+        .unwrap();
+    assert!(!t.info().await.unwrap().rebuilding);
+    t.shutdown();
+    let again = c.nodes[1]
+        .agent()
+        .await
+        .restore_replica(shorthorn::api::agent::RestoreReplicaRequest {
+            volume_id: copy.into(),
+            replica_name: target.name.clone(),
+            source_address: rec_source(&mut c, src).await,
+            snapshot: s.snapshot_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.copied_bytes, 0, "a finished restore copies nothing");
+    let pc = mount_on(&c, dir.path(), copy, 2, "ext4").await;
+    assert_eq!(std::fs::read(pc.target.join("big")).unwrap(), big);
+    tear_down(&c, copy, 2, &pc, &[&pc.target]).await;
+    delete_snapshot(&c, &s.snapshot_id).await.unwrap();
+    for vol in [copy, src] {
+        delete_volume(&c, vol).await.unwrap();
+        assert!(c.replica_dirs(vol).is_empty());
+    }
+}
+
+/// The address of one replica of `vol`.
+async fn rec_source(c: &mut Ctl, vol: &str) -> String {
+    c.record(vol).await["replicas"][0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
