@@ -586,3 +586,44 @@ async fn write_intent_is_marked_before_writes_and_cleared_when_idle() {
     assert_eq!(intent().await.into_iter().collect::<Vec<_>>(), [0]);
     assert_eq!(v.status().intent_regions, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_copies_from_a_current_replica_never_a_stale_one() {
+    use shorthorn::replica::client::Client;
+    use shorthorn::replica::copy;
+    let root = tempfile::tempdir().unwrap();
+    let (_dirs, _procs, addrs) = start_three(root.path());
+    let v = Volume::open("vol", SIZE, &addrs).await.unwrap();
+    v.write(0, Bytes::from(content(0, 1))).await.unwrap();
+    v.flush().await.unwrap();
+    // Replica 0 leaves the volume; a write goes on without it.
+    v.remove_replica(&addrs[0]).await.unwrap();
+    v.write(0, Bytes::from(content(0, 2))).await.unwrap();
+    v.flush().await.unwrap();
+    drop(v);
+    // Detached, each replica takes the snapshot on its own, the stale one
+    // too: two versions of one snapshot name.
+    for a in &addrs {
+        let c = Client::connect(a).await.unwrap();
+        c.snapshot("s", std::collections::BTreeMap::new())
+            .await
+            .unwrap();
+        c.shutdown();
+    }
+    // Given the stale one first, a restore still copies current data.
+    let (_tp, taddr) = start_replica(&root.path().join("t"), SIZE);
+    let target = Client::connect(&taddr).await.unwrap();
+    let (_, picked, _) = copy::pick_source(&addrs, "s").await.unwrap();
+    assert_eq!(picked, addrs[1], "the first current member");
+    assert!(copy::restore(&addrs, &target, "s").await.unwrap() > 0);
+    let got = target.read(0, 4096).await.unwrap();
+    assert_eq!(
+        tag_of(0, &got),
+        Some(2),
+        "the stale replica's block was copied"
+    );
+    assert!(!target.info().await.unwrap().rebuilding);
+    assert_eq!(copy::restore(&addrs, &target, "s").await.unwrap(), 0);
+    let e = copy::pick_source(&addrs, "nope").await.unwrap_err();
+    assert!(e.contains("holds no snapshot"), "{e}");
+}

@@ -89,11 +89,17 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
     };
     // Healthy means as many replicas as asked for, all in the engine and
     // read-write: the engine knows its members, the record the rest.
-    let all_rw = v.replicas.iter().all(|rep| {
+    let rw = |rep: &ReplicaRecord| {
         st.replicas
             .iter()
             .any(|r| Some(r.address.as_str()) == rep.address.as_deref() && r.mode == "read_write")
-    });
+    };
+    let all_rw = v.replicas.iter().all(rw);
+    // Replicas are replaced, added or retired only while one of the
+    // volume's own replicas serves current data: with none, the ones away
+    // may be the only good copies, and must never be swapped for empty
+    // ones (and then deleted).
+    let any_rw = v.replicas.iter().any(rw);
     let state = match st.health.as_str() {
         "healthy" | "degraded" if all_rw && v.replicas.len() >= v.params.replicas as usize => {
             VolumeState::Attached
@@ -163,7 +169,7 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
             rep.failed_since = since;
             changed = true;
         }
-        if since.is_some_and(|f| t.saturating_sub(f) >= timeout) {
+        if any_rw && since.is_some_and(|f| t.saturating_sub(f) >= timeout) {
             stale.push(i);
         }
     }
@@ -198,6 +204,9 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
                 })
                 .await;
         }
+    }
+    if !any_rw {
+        return Ok(());
     }
     if let Err(e) = reconcile(ctl, &mut a, v, version, &st, node).await {
         tracing::debug!(volume.id = %id, error = %e.message(), "replica count or locality not reconciled yet");

@@ -6,7 +6,8 @@
 //! holds I/O so every replica snapshots the same content; a detached one
 //! on each replica directly (nothing writes to them). A restore fills
 //! each new replica, on its own node, from one replica of the source that
-//! holds the snapshot ([`crate::replica::copy::restore`]); a clone is a
+//! holds the snapshot and is current ([`crate::replica::copy::pick_source`]:
+//! every target copies from the same one); a clone is a
 //! restore from a transient snapshot of the source volume, removed after.
 //!
 //! Every step is idempotent, so a CO retry after any failure finishes the
@@ -122,32 +123,23 @@ impl Controller {
             .iter()
             .filter_map(|r| r.address.clone())
             .collect();
-        let fills = v.replicas.iter().enumerate().map(|(i, rep)| {
-            let (sources, snapshot) = (&sources, &snapshot);
+        let fills = v.replicas.iter().map(|rep| {
+            let req = agent::RestoreReplicaRequest {
+                volume_id: v.id.clone(),
+                replica_name: rep.name.clone(),
+                source_addresses: sources.clone(),
+                snapshot: snapshot.clone(),
+            };
             async move {
-                let mut a = self.agent_for(&rep.node, RESTORE_TIMEOUT).await?;
-                let mut last = Status::failed_precondition("the source volume has no replica");
-                // Any source replica holding the snapshot will do; one that
-                // is down or was away when it was taken is skipped. Each
-                // target starts at a different one to spread the reads.
-                let n = sources.len();
-                for addr in (0..n).map(|k| &sources[(i + k) % n]) {
-                    let req = agent::RestoreReplicaRequest {
-                        volume_id: v.id.clone(),
-                        replica_name: rep.name.clone(),
-                        source_address: addr.clone(),
-                        snapshot: snapshot.clone(),
-                    };
-                    match a.restore_replica(req).await {
-                        Ok(r) => {
-                            tracing::info!(volume.id = %v.id, replica = %rep.name, source = %addr,
-                                copied_bytes = r.into_inner().copied_bytes, "replica filled");
-                            return Ok(());
-                        }
-                        Err(e) => last = agent_failed(&rep.node, &e),
-                    }
-                }
-                Err(last)
+                let r = self
+                    .agent_for(&rep.node, RESTORE_TIMEOUT)
+                    .await?
+                    .restore_replica(req)
+                    .await
+                    .map_err(|e| agent_failed(&rep.node, &e))?;
+                tracing::info!(volume.id = %v.id, replica = %rep.name,
+                    copied_bytes = r.into_inner().copied_bytes, "replica filled");
+                Ok::<(), Status>(())
             }
         });
         futures_util::future::join_all(fills)

@@ -184,12 +184,24 @@ impl Spec {
 }
 
 /// `args` without its `--size N` pair: the size changes when a volume
-/// grows; the rest identifies the process.
+/// grows.
 fn without_size(args: &[String]) -> Vec<String> {
+    without(args, &["--size"])
+}
+
+/// What identifies a running instance in `/proc`: its arguments without
+/// those that change while it runs (`--size` when a volume grows,
+/// `--replica` when an engine's replicas are replaced), so a process
+/// started before a change is still adopted after it.
+fn identity(args: &[String]) -> Vec<String> {
+    without(args, &["--size", "--replica"])
+}
+
+fn without(args: &[String], flags: &[&str]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if a == "--size" {
+        if flags.contains(&a.as_str()) {
             it.next();
         } else {
             out.push(a.clone());
@@ -422,7 +434,7 @@ fn processes_by_args() -> BTreeMap<Vec<String>, Pid> {
             argv.pop();
         }
         if argv.len() > 1 && alive(Pid::from_raw(pid)) {
-            found.insert(without_size(&argv.split_off(1)), Pid::from_raw(pid));
+            found.insert(identity(&argv.split_off(1)), Pid::from_raw(pid));
         }
     }
     found
@@ -567,7 +579,7 @@ impl Instances {
                     continue;
                 }
             };
-            let pid = running.get(&without_size(&spec.args)).copied();
+            let pid = running.get(&identity(&spec.args)).copied();
             if pid.is_some() {
                 adopted += 1;
             } else {
@@ -903,33 +915,25 @@ impl Instances {
     }
 
     /// Fills resting replica `name` of `volume` with snapshot `snapshot`
-    /// of the replica at `source` (see [`copy::restore`]); returns the
-    /// bytes copied.
+    /// of the volume whose replicas serve at `sources` (see
+    /// [`copy::restore`]); returns the bytes copied.
     pub async fn restore_replica(
         &self,
         volume: &str,
         name: &str,
-        source: &str,
+        sources: &[String],
         snapshot: &str,
     ) -> Result<u64, Error> {
-        let what = format!("restoring replica {name} of {volume} from {snapshot} at {source}");
+        let what = format!("restoring replica {name} of {volume} from {snapshot}");
         let target = self.replica_client(volume, name, &what).await?;
-        let src = match Client::connect(source).await {
-            Ok(c) => c,
-            Err(e) => {
-                target.shutdown();
-                return Err(replica_refused(&what, &e));
-            }
-        };
-        let r = copy::restore(&src, &target, snapshot).await;
-        src.shutdown();
+        let r = copy::restore(sources, &target, snapshot).await;
         target.shutdown();
         let copied = r.map_err(|cause| Error::Refused {
             what: what.clone(),
             kind: crate::error::ErrorKind::FailedPrecondition,
             cause,
         })?;
-        tracing::info!(volume.id = %volume, replica = %name, snapshot, source, copied_bytes = copied, "replica restored");
+        tracing::info!(volume.id = %volume, replica = %name, snapshot, copied_bytes = copied, "replica restored");
         Ok(copied)
     }
 
@@ -994,7 +998,32 @@ impl Instances {
             })
             .await
             .map_err(|e| Self::engine_refused(&what, &e))?;
-        Ok(())
+        // A restarted engine must find every member of the volume's
+        // latest epoch, this one included once it is rebuilt.
+        self.engine_replicas(volume, |r| {
+            if !r.iter().any(|a| a == address) {
+                r.push(address.to_owned());
+            }
+        })
+    }
+
+    /// Changes the `--replica` list `volume`'s engine restarts with.
+    fn engine_replicas(&self, volume: &str, f: impl FnOnce(&mut Vec<String>)) -> Result<(), Error> {
+        let key = key(Kind::Engine, volume, "engine");
+        self.update(&key, |s| {
+            let mut replicas: Vec<String> = s
+                .args
+                .windows(2)
+                .filter(|w| w[0] == "--replica")
+                .map(|w| w[1].clone())
+                .collect();
+            f(&mut replicas);
+            let mut args = without(&s.args, &["--replica"]);
+            for r in replicas {
+                args.extend(["--replica".to_owned(), r]);
+            }
+            s.args = args;
+        })
     }
 
     /// Takes replica `address` out of `volume`'s engine here; one the
@@ -1009,9 +1038,12 @@ impl Instances {
             })
             .await
         {
-            Err(e) if e.code() != tonic::Code::NotFound => Err(Self::engine_refused(&what, &e)),
-            _ => Ok(()),
+            Err(e) if e.code() != tonic::Code::NotFound => {
+                return Err(Self::engine_refused(&what, &e))
+            }
+            _ => {}
         }
+        self.engine_replicas(volume, |r| r.retain(|a| a != address))
     }
 
     /// Grows `volume` online through its engine here to `size`; the engine

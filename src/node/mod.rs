@@ -408,15 +408,17 @@ impl agent::agent_server::Agent for Arc<Node> {
     ) -> Result<Response<agent::RestoreReplicaResponse>, Status> {
         let r = r.into_inner();
         check_snapshot_name(&r.snapshot)?;
-        if r.source_address.is_empty() {
-            return Err(Status::invalid_argument("source_address must not be empty"));
+        if r.source_addresses.is_empty() {
+            return Err(Status::invalid_argument(
+                "source_addresses must not be empty",
+            ));
         }
         let copied_bytes = self
             .instances
             .restore_replica(
                 &r.volume_id,
                 &r.replica_name,
-                &r.source_address,
+                &r.source_addresses,
                 &r.snapshot,
             )
             .await

@@ -170,13 +170,66 @@ pub async fn copy_layers(
     Ok(())
 }
 
+/// The replica among `sources` to copy snapshot `snapshot` from: one
+/// that answers, is not itself being rebuilt, holds the snapshot, and is
+/// a member of the newest membership epoch any of them records (a replica
+/// failed out of the volume may hold an older layer under the same name).
+/// The first such one in `sources` order, so every target of one restore
+/// given the same list copies the same bytes; with its address and the
+/// snapshot's chain.
+pub async fn pick_source(
+    sources: &[String],
+    snapshot: &str,
+) -> Result<(Client, String, Vec<SnapshotSpec>), String> {
+    let mut found = Vec::new();
+    let mut why = Vec::new();
+    for addr in sources {
+        let c = match Client::connect(addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                why.push(format!("{addr}: {e}"));
+                continue;
+            }
+        };
+        let probe = async {
+            let info = c.info().await?;
+            let layers = c.list().await?;
+            Ok::<_, ClientError>((info, layers))
+        };
+        match probe.await {
+            Ok((info, _)) if info.rebuilding => why.push(format!("{addr}: being rebuilt")),
+            Ok((info, layers)) => match chain_to(&layers, snapshot) {
+                Some(chain) => found.push((c, addr.clone(), info.engine, chain)),
+                None => why.push(format!("{addr}: holds no snapshot {snapshot:?}")),
+            },
+            Err(e) => why.push(format!("{addr}: {e}")),
+        }
+    }
+    let newest = found.iter().map(|f| f.2.epoch).max().unwrap_or(0);
+    let mut pick = None;
+    for (c, addr, rec, chain) in found {
+        // Epoch 0: no engine ever ran, every replica is as current.
+        let current = newest == 0 || (rec.epoch == newest && rec.members.contains(&addr));
+        if pick.is_none() && current {
+            pick = Some((c, addr, chain));
+        } else {
+            if !current {
+                why.push(format!("{addr}: not a member of epoch {newest}"));
+            }
+            c.shutdown();
+        }
+    }
+    pick.ok_or_else(|| format!("no source replica can be copied: {}", why.join("; ")))
+}
+
 /// Makes resting replica `target` (no engine uses it) hold snapshot
-/// `snapshot` of `src` and the chain below it, with an empty head on top:
-/// a volume restored from that snapshot. `target` is flagged rebuilding
+/// `snapshot` of the volume whose replicas are `sources` (see
+/// [`pick_source`]) and the chain below it, with an empty head on top: a
+/// volume restored from that snapshot. `target` is flagged rebuilding
 /// throughout, so an engine never serves a half-filled copy; a call after
 /// a crash picks up where the last one stopped, and a call on a finished
-/// target does nothing.
-pub async fn restore(src: &Client, target: &Client, snapshot: &str) -> Result<u64, String> {
+/// target does nothing. Returns the bytes copied.
+pub async fn restore(sources: &[String], target: &Client, snapshot: &str) -> Result<u64, String> {
     let t_info = target
         .info()
         .await
@@ -189,19 +242,22 @@ pub async fn restore(src: &Client, target: &Client, snapshot: &str) -> Result<u6
     if has_top && !t_info.rebuilding {
         return Ok(0);
     }
-    let s_info = src.info().await.map_err(|e| format!("source info: {e}"))?;
-    if s_info.rebuilding {
-        return Err("the source replica is itself being rebuilt".into());
-    }
-    if s_info.size > t_info.size {
-        return Err(format!(
-            "the source is {} bytes, larger than the target's {}",
-            s_info.size, t_info.size
-        ));
-    }
-    let s_layers = src.list().await.map_err(|e| format!("source list: {e}"))?;
-    let chain = chain_to(&s_layers, snapshot)
-        .ok_or_else(|| format!("the source replica holds no snapshot {snapshot:?}"))?;
+    let (src, addr, chain) = pick_source(sources, snapshot).await?;
+    let r = fill(&src, target, &chain, has_top, t_info.size).await;
+    src.shutdown();
+    r.map_err(|e| format!("from {addr}: {e}"))
+}
+
+async fn fill(
+    src: &Client,
+    target: &Client,
+    chain: &[SnapshotSpec],
+    has_top: bool,
+    size: u64,
+) -> Result<u64, String> {
+    // The source may have grown since the snapshot; the layers up to it
+    // hold nothing past the snapshot's size, which the caller checked
+    // against the target's.
     target
         .set_rebuilding(true)
         .await
@@ -214,12 +270,11 @@ pub async fn restore(src: &Client, target: &Client, snapshot: &str) -> Result<u6
             .map_err(|e| format!("target snapshot: {e}"))?;
     }
     target
-        .set_chain(chain.clone())
+        .set_chain(chain.to_vec())
         .await
         .map_err(|e| format!("target set chain: {e}"))?;
     let progress = Progress::default();
-    let size = t_info.size;
-    copy_layers(src, target, &chain, || size, 0, &progress).await?;
+    copy_layers(src, target, chain, || size, 0, &progress).await?;
     target
         .finish_rebuild()
         .await

@@ -1470,6 +1470,28 @@ async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
     };
     assert_eq!(rec["retired"][0]["node"], format!("node-{victim}"));
     healthy(&mut c, vol, engine_node).await;
+    // The engine would restart over the current replicas, not the lost one.
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            c.nodes[engine_node]
+                .state
+                .join(format!("instances/engine.{vol}.engine.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let args: Vec<&str> = record["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let rec = c.record(vol).await;
+    for r in rec["replicas"].as_array().unwrap() {
+        assert!(args.contains(&r["address"].as_str().unwrap()), "{args:?}");
+    }
+    let lost = rec["retired"][0]["address"].as_str().unwrap();
+    assert!(!args.contains(&lost), "{args:?}");
     assert_eq!(std::fs::read(p.target.join("keep")).unwrap(), keep);
     assert_eq!(std::fs::read(p.target.join("during")).unwrap(), during);
     // Every replica in the record, the new one included, holds the same
@@ -1684,7 +1706,7 @@ async fn a_restore_killed_mid_copy_is_finished_by_the_retry_never_served_half_do
         .restore_replica(shorthorn::api::agent::RestoreReplicaRequest {
             volume_id: copy.into(),
             replica_name: target.name.clone(),
-            source_address: rec_source(&mut c, src).await,
+            source_addresses: vec![rec_source(&mut c, src).await],
             snapshot: s.snapshot_id.clone(),
         })
         .await
