@@ -30,8 +30,7 @@ use tonic::Status;
 
 use super::model::{ReplicaRecord, VolumeRecord, VolumeState, VOLUMES};
 use super::params::DataLocality;
-use super::scheduler;
-use super::service::{candidates, now, Controller, OVER_PROVISIONING};
+use super::service::{now, Controller};
 use crate::api::agent;
 use crate::store::Expect;
 
@@ -340,14 +339,8 @@ async fn grow(
         .chain(&v.retired)
         .map(|r| r.node.clone())
         .collect::<BTreeSet<_>>();
-    let placed = scheduler::place(
-        &req,
-        &candidates(&nodes),
-        &ctl.scheduled()?,
-        OVER_PROVISIONING,
-    )
-    .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-    let p = placed
+    let p = ctl
+        .place(&req, &nodes)?
         .into_iter()
         .next()
         .ok_or_else(|| Status::resource_exhausted("the scheduler placed nothing"))?;

@@ -471,6 +471,23 @@ impl Controller {
         Ok(())
     }
 
+    /// Where `req`'s replicas go among `nodes`, counting what every
+    /// volume has scheduled already; RESOURCE_EXHAUSTED naming what
+    /// excluded the nodes when they do not fit.
+    pub(super) fn place(
+        &self,
+        req: &scheduler::Request,
+        nodes: &[NodeRecord],
+    ) -> Result<Vec<scheduler::Placement>, Status> {
+        scheduler::place(
+            req,
+            &candidates(nodes),
+            &self.scheduled()?,
+            OVER_PROVISIONING,
+        )
+        .map_err(|e| Status::resource_exhausted(e.to_string()))
+    }
+
     pub(super) fn scheduler_request(
         p: &VolumeParams,
         size: u64,
@@ -487,7 +504,7 @@ impl Controller {
     }
 }
 
-pub(super) fn candidates(nodes: &[NodeRecord]) -> Vec<Candidate<'_>> {
+fn candidates(nodes: &[NodeRecord]) -> Vec<Candidate<'_>> {
     nodes
         .iter()
         .map(|n| Candidate {
@@ -615,14 +632,8 @@ impl csi::controller_server::Controller for Arc<Controller> {
         let nodes = self.nodes()?;
         let allowed = allowed_nodes(r.accessibility_requirements.as_ref(), &nodes);
         let req = Controller::scheduler_request(&params, size, allowed);
-        let placed = scheduler::place(
-            &req,
-            &candidates(&nodes),
-            &self.scheduled()?,
-            OVER_PROVISIONING,
-        )
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let replicas = placed
+        let replicas = self
+            .place(&req, &nodes)?
             .into_iter()
             .enumerate()
             .map(|(i, p)| ReplicaRecord {
@@ -1286,14 +1297,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             let mut req = Controller::scheduler_request(&params, v.size, None);
             req.count = (params.replicas - v.params.replicas) as usize;
             req.excluded = v.replicas.iter().map(|x| x.node.clone()).collect();
-            let nodes = self.nodes()?;
-            scheduler::place(
-                &req,
-                &candidates(&nodes),
-                &self.scheduled()?,
-                OVER_PROVISIONING,
-            )
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+            self.place(&req, &self.nodes()?)?;
         }
         if params != v.params {
             tracing::info!(volume.id = %v.id, replicas = params.replicas, locality = ?params.data_locality, "volume modified");

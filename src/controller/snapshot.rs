@@ -73,16 +73,21 @@ impl Controller {
             .collect()
     }
 
+    /// Snapshot `id`, or NOT_FOUND.
+    fn existing_snapshot(&self, id: &str) -> Result<SnapshotRecord, Status> {
+        SNAPSHOTS
+            .get(&*self.store, id)
+            .map_err(store_status)?
+            .map(|s| s.value)
+            .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))
+    }
+
     /// The size a volume made from `src` must have at least, checking
     /// that the source exists (NOT_FOUND) and can be copied now.
     pub(super) fn source_size(&self, src: &ContentSource) -> Result<u64, Status> {
         match src {
             ContentSource::Snapshot(id) => {
-                let s = SNAPSHOTS
-                    .get(&*self.store, id)
-                    .map_err(store_status)?
-                    .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))?
-                    .value;
+                let s = self.existing_snapshot(id)?;
                 if !s.ready {
                     return Err(Status::unavailable(format!(
                         "snapshot {id} is not ready yet; retry"
@@ -101,13 +106,7 @@ impl Controller {
     /// Fills every replica of new volume `v` (created, resting) from `src`.
     pub(super) async fn fill(&self, v: &VolumeRecord, src: &ContentSource) -> Result<(), Status> {
         let (volume, snapshot, transient) = match src {
-            ContentSource::Snapshot(id) => {
-                let s = SNAPSHOTS
-                    .get(&*self.store, id)
-                    .map_err(store_status)?
-                    .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))?;
-                (s.value.volume, id.clone(), false)
-            }
+            ContentSource::Snapshot(id) => (self.existing_snapshot(id)?.volume, id.clone(), false),
             ContentSource::Volume(id) => (id.clone(), super::model::clone_snapshot(&v.id), true),
         };
         // The source volume's slot keeps its snapshot from being removed

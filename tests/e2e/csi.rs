@@ -1497,15 +1497,7 @@ async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
     // Every replica in the record, the new one included, holds the same
     // bytes.
     let rec = c.record(vol).await;
-    let mut sums = Vec::new();
-    for r in rec["replicas"].as_array().unwrap() {
-        let client = shorthorn::replica::client::Client::connect(r["address"].as_str().unwrap())
-            .await
-            .unwrap();
-        sums.push(client.checksum(0, 128 * MIB).await.unwrap());
-        client.shutdown();
-    }
-    assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
+    assert_replicas_identical(&rec).await;
 
     // The victim's node comes back: its stale copy is deleted, not reused.
     c.nodes[victim].restart();
@@ -1558,17 +1550,22 @@ async fn settle(c: &mut Ctl, vol: &str, engine: usize, nodes: impl Fn(&[usize]) 
         assert!(std::time::Instant::now() < deadline, "never settled: {r}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    let reps = rec["replicas"].as_array().unwrap();
-    healthy_with(c, vol, engine, reps.len()).await;
+    healthy_with(c, vol, engine, rec["replicas"].as_array().unwrap().len()).await;
+    assert_replicas_identical(&rec).await;
+}
+
+/// Every replica in volume record `rec` holds the same bytes.
+async fn assert_replicas_identical(rec: &serde_json::Value) {
+    let size = rec["size"].as_u64().unwrap();
     let mut sums = Vec::new();
-    for r in reps {
+    for r in rec["replicas"].as_array().unwrap() {
         let client = shorthorn::replica::client::Client::connect(r["address"].as_str().unwrap())
             .await
             .unwrap();
-        let size = rec["size"].as_u64().unwrap();
         sums.push(client.checksum(0, size).await.unwrap());
         client.shutdown();
     }
+    assert!(!sums.is_empty(), "no replica: {rec}");
     assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
 }
 
