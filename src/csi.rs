@@ -12,9 +12,15 @@ pub use generated::*;
 pub const DRIVER_NAME: &str = "driver.shorthorn.io";
 
 /// Publish-context key naming the frontend the volume's engine serves on
-/// the node it was published to (`fuse`): ControllerPublishVolume sets it,
-/// NodeStageVolume attaches accordingly.
+/// the node it was published to (`iscsi` or `fuse`): ControllerPublishVolume
+/// sets it, NodeStageVolume attaches accordingly.
 pub const CTX_FRONTEND: &str = "shorthorn.io/frontend";
+/// Publish-context keys for the `iscsi` frontend: the portal (ip:port) and
+/// the target name, for the operator to see; the node attaches to what its
+/// own engine serves.
+pub const CTX_ISCSI_PORTAL: &str = "shorthorn.io/iscsi-portal";
+/// See [`CTX_ISCSI_PORTAL`].
+pub const CTX_ISCSI_TARGET: &str = "shorthorn.io/iscsi-target";
 
 /// This driver's name and version, as both plugins report them.
 pub fn plugin_info() -> GetPluginInfoResponse {

@@ -181,6 +181,21 @@ enum CsiCmd {
         #[arg(long)]
         target: String,
     },
+    /// ControllerExpandVolume, then NodeExpandVolume when `--path` names
+    /// where the volume is published (its device and filesystem grow
+    /// online).
+    Expand {
+        /// Volume id.
+        volume: String,
+        /// The new capacity, e.g. 2Gi.
+        #[arg(long, value_parser = shorthorn::units::parse_size)]
+        size: u64,
+        /// A target path it is published at.
+        #[arg(long)]
+        path: Option<String>,
+        #[command(flatten)]
+        access: Access,
+    },
     /// NodeGetVolumeStats.
     Stats {
         /// Volume id.
@@ -460,6 +475,46 @@ pub async fn run(a: CsiArgs) -> Result<Value, Status> {
             })
             .await?;
             json!({})
+        }
+        CsiCmd::Expand {
+            volume,
+            size,
+            path,
+            access,
+        } => {
+            let bytes = i64::try_from(size)
+                .map_err(|_| Status::invalid_argument(format!("--size {size} is too large")))?;
+            let range = || csi::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            };
+            let c = ctl
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: volume.clone(),
+                    capacity_range: Some(range()),
+                    volume_capability: Some(access.capability()),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let mut out = json!({
+                "capacity_bytes": c.capacity_bytes,
+                "node_expansion_required": c.node_expansion_required,
+            });
+            if let Some(path) = path {
+                let n = node
+                    .node_expand_volume(csi::NodeExpandVolumeRequest {
+                        volume_id: volume,
+                        volume_path: path,
+                        capacity_range: Some(range()),
+                        volume_capability: Some(access.capability()),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                out["node_capacity_bytes"] = json!(n.capacity_bytes);
+            }
+            out
         }
         CsiCmd::Stats { volume, path } => {
             let r = node

@@ -35,6 +35,8 @@ pub struct Config {
     pub socket: PathBuf,
     /// How many nodes (1 to 16).
     pub nodes: usize,
+    /// How volumes reach the kernel; `None`: iSCSI where it can.
+    pub frontend: Option<node::attach::Frontend>,
 }
 
 /// What can stop the dev cluster from starting.
@@ -204,6 +206,7 @@ pub async fn run(
             zone: None,
             max_volumes: 0,
             state_dir: home.join("state"),
+            frontend: cfg.frontend,
         };
         let sock = home.join("csi.sock");
         node_sockets.push(sock.clone());

@@ -78,6 +78,9 @@ struct DevArgs {
     /// get min(3, N) replicas unless their parameters say otherwise.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     nodes: u16,
+    /// How volumes reach the kernel (as `shorthorn node --frontend`).
+    #[arg(long, value_enum, env = "SHORTHORN_FRONTEND", default_value = "auto")]
+    frontend: NodeFrontend,
 }
 
 #[derive(Parser, Debug)]
@@ -112,6 +115,33 @@ struct NodeArgs {
     /// file lives under it).
     #[arg(long, default_value = "/var/lib/shorthorn/node")]
     state_dir: PathBuf,
+    /// How volumes reach this node's kernel: iscsi (open-iscsi logs in to
+    /// the engine's target), fuse (a loop device over the engine's FUSE
+    /// file), or auto: iscsi where the kernel has an initiator.
+    #[arg(long, value_enum, env = "SHORTHORN_FRONTEND", default_value = "auto")]
+    frontend: NodeFrontend,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeFrontend {
+    /// iscsi where the kernel has an iSCSI initiator and iscsiadm runs,
+    /// fuse otherwise.
+    Auto,
+    /// Always iscsi; the node refuses to start without an initiator.
+    Iscsi,
+    /// Always fuse.
+    Fuse,
+}
+
+impl NodeFrontend {
+    fn choice(self) -> Option<shorthorn::node::attach::Frontend> {
+        use shorthorn::node::attach::Frontend;
+        match self {
+            Self::Auto => None,
+            Self::Iscsi => Some(Frontend::Iscsi),
+            Self::Fuse => Some(Frontend::Fuse),
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -494,6 +524,7 @@ async fn run_node(a: NodeArgs) -> Result<()> {
         zone: a.zone,
         max_volumes: a.max_volumes,
         state_dir: a.state_dir,
+        frontend: a.frontend.choice(),
     };
     shorthorn::node::run(cfg, &socket, terminated()).await?;
     Ok(())
@@ -504,6 +535,7 @@ async fn run_dev(a: DevArgs) -> Result<()> {
         data_dir: a.data_dir,
         socket: shorthorn::controller::unix_endpoint(&a.csi_endpoint)?,
         nodes: usize::from(a.nodes),
+        frontend: a.frontend.choice(),
     };
     shorthorn::dev::run(cfg, terminated()).await?;
     Ok(())

@@ -847,8 +847,17 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 .map_err(store_status)?;
         }
         tracing::info!(volume.id = %v.id, node.id = %r.node_id, "volume published");
+        let mut publish_context = HashMap::from([(csi::CTX_FRONTEND.to_owned(), started.frontend)]);
+        for (k, v) in [
+            (csi::CTX_ISCSI_PORTAL, started.iscsi_portal),
+            (csi::CTX_ISCSI_TARGET, started.iscsi_target),
+        ] {
+            if !v.is_empty() {
+                publish_context.insert(k.to_owned(), v);
+            }
+        }
         Ok(Response::new(csi::ControllerPublishVolumeResponse {
-            publish_context: HashMap::from([(csi::CTX_FRONTEND.to_owned(), started.frontend)]),
+            publish_context,
         }))
     }
 

@@ -1,6 +1,8 @@
-//! The CSI Node service: stage (loop device over the engine's FUSE file,
-//! filesystem made only on a blank device, mount), publish (bind mounts,
-//! read-only, raw block device nodes), their inverses, and volume stats.
+//! The CSI Node service: stage (the engine's volume attached as a block
+//! device, [`super::attach`]: an iSCSI login or a loop device over its
+//! FUSE file; a filesystem made only on a blank device; mount), publish
+//! (bind mounts, read-only, raw block device nodes), their inverses,
+//! expansion and volume stats.
 //!
 //! Each call validates its request fully before touching the kernel, and
 //! each step checks what is there first ([`super::mount`]), so a call
@@ -16,7 +18,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{mount, Node};
+use super::attach::{self, Frontend, Served};
+use super::{instances, mount, Node};
 use crate::csi;
 use crate::csi::volume_capability::AccessType;
 use crate::csi::CTX_FRONTEND;
@@ -92,23 +95,34 @@ fn access(
 }
 
 impl Node {
-    /// The engine's FUSE file for `volume`, which must be served (the
-    /// volume is published to this node) for the device to be usable.
-    fn served_file(&self, volume: &str) -> Result<PathBuf, Status> {
-        let file = self.engine_file(volume)?;
-        match mount::mounted_at(&file).map_err(|e| mount_status(&e))? {
-            Some(m) if m.fstype.starts_with("fuse") => Ok(file),
-            _ => Err(Status::failed_precondition(format!(
+    /// Where the engine of `volume` serves it on this node; it must be
+    /// there (the volume is published to this node) for a device to be
+    /// attached.
+    fn served(&self, volume: &str) -> Result<Served, Status> {
+        let absent = || {
+            Status::failed_precondition(format!(
                 "volume {volume} has no engine serving on this node; ControllerPublishVolume it to this node first"
-            ))),
+            ))
+        };
+        let served = self.instances.engine(volume).ok_or_else(absent)?.served();
+        if let Served::Fuse { file } = &served {
+            match mount::mounted_at(file).map_err(|e| mount_status(&e))? {
+                Some(m) if m.fstype.starts_with("fuse") => {}
+                _ => return Err(absent()),
+            }
         }
+        Ok(served)
     }
 
-    /// Where the engine of `volume` would serve its FUSE file here.
-    fn engine_file(&self, volume: &str) -> Result<PathBuf, Status> {
-        self.instances
+    /// Where the engine of `volume` would serve its FUSE file here, and
+    /// the iSCSI target it would serve: what a device of the volume is
+    /// attached from, whichever frontend served it.
+    fn sources(&self, volume: &str) -> Result<(PathBuf, String), Status> {
+        let file = self
+            .instances
             .engine_file(volume)
-            .map_err(|e| invalid(e.to_string()))
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok((file, instances::iqn(volume)))
     }
 
     fn begin(&self, volume: &str) -> Result<super::Busy<'_>, Status> {
@@ -126,8 +140,8 @@ impl csi::node_server::Node for Arc<Node> {
         let volume = required("volume_id", &r.volume_id)?;
         let staging = absolute("staging_target_path", &r.staging_target_path)?;
         let access = access(r.volume_capability.as_ref(), &r.volume_context)?;
-        match r.publish_context.get(CTX_FRONTEND).map(String::as_str) {
-            Some("fuse") => {}
+        let asked = match r.publish_context.get(CTX_FRONTEND).map(String::as_str) {
+            Some(f @ ("fuse" | "iscsi")) => f.to_owned(),
             Some(other) => {
                 return Err(invalid(format!(
                     "publish_context {CTX_FRONTEND}={other:?} is not a frontend this node attaches"
@@ -138,13 +152,23 @@ impl csi::node_server::Node for Arc<Node> {
                     "publish_context lacks {CTX_FRONTEND}: was the volume published by ControllerPublishVolume?"
                 )))
             }
-        }
+        };
         let _busy = self.begin(volume)?;
-        let file = self.served_file(volume)?;
+        let served = self.served(volume)?;
+        let serves = match &served {
+            Served::Fuse { .. } => Frontend::Fuse,
+            Served::Iscsi { .. } => Frontend::Iscsi,
+        };
+        if serves.as_str() != asked {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} was published with frontend {asked}, but its engine on this node serves {}; unpublish and publish it again",
+                serves.as_str()
+            )));
+        }
         let node = self.clone();
         let volume = volume.to_owned();
         kernel(move || {
-            let dev = mount::attach_loop(&file)?;
+            let dev = served.attach()?;
             if let Access::Mount { fs, flags } = access {
                 let made = mount::format_if_blank(&dev, &fs)?;
                 let mounted = mount::mounted_at(&staging)?.is_some();
@@ -177,14 +201,14 @@ impl csi::node_server::Node for Arc<Node> {
         let r = r.into_inner();
         let volume = required("volume_id", &r.volume_id)?;
         let staging = absolute("staging_target_path", &r.staging_target_path)?;
-        let file = self.engine_file(volume)?;
+        let (file, iqn) = self.sources(volume)?;
         let _busy = self.begin(volume)?;
         let volume = volume.to_owned();
         kernel(move || {
-            // Unmounting flushes the filesystem through the loop device to
-            // the engine; only then is the device let go.
+            // Unmounting flushes the filesystem through the device to the
+            // engine; only then is the device let go.
             mount::unmount(&staging)?;
-            mount::detach_loop(&file)?;
+            attach::detach(&file, &iqn)?;
             tracing::info!(volume.id = %volume, "volume unstaged");
             Ok(())
         })
@@ -201,7 +225,7 @@ impl csi::node_server::Node for Arc<Node> {
         let staging = absolute("staging_target_path", &r.staging_target_path)?;
         let target = absolute("target_path", &r.target_path)?;
         let access = access(r.volume_capability.as_ref(), &r.volume_context)?;
-        let file = self.engine_file(volume)?;
+        let (file, iqn) = self.sources(volume)?;
         let _busy = self.begin(volume)?;
         let source = match &access {
             Access::Mount { .. } => {
@@ -216,7 +240,7 @@ impl csi::node_server::Node for Arc<Node> {
                 }
                 staging
             }
-            Access::Block => mount::loop_of(&file)
+            Access::Block => attach::attached(&file, &iqn)
                 .map_err(|e| mount_status(&e))?
                 .ok_or_else(|| {
                     Status::failed_precondition(format!(
@@ -331,7 +355,6 @@ impl csi::node_server::Node for Arc<Node> {
                 .and_then(|c| c.access_type.as_ref()),
             Some(AccessType::Block(_))
         );
-        let file = self.engine_file(volume)?;
         let _busy = self.begin(volume)?;
         if !path.exists() {
             return Err(Status::not_found(format!(
@@ -339,18 +362,15 @@ impl csi::node_server::Node for Arc<Node> {
                 path.display()
             )));
         }
-        if mount::loop_of(&file)
-            .map_err(|e| mount_status(&e))?
-            .is_none()
-        {
+        let served = self.served(volume)?;
+        let Some(dev) = served.device().map_err(|e| mount_status(&e))? else {
             return Err(Status::failed_precondition(format!(
                 "volume {volume} is not staged on this node"
             )));
-        }
+        };
         let volume = volume.to_owned();
         let size = kernel(move || {
-            let size = mount::refresh_loop(&file, want)?;
-            let dev = mount::loop_of(&file)?.unwrap_or_default();
+            let size = served.refresh(want)?;
             if !block && path.is_dir() {
                 mount::grow_fs(&dev, &path)?;
             }

@@ -31,6 +31,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
+use super::attach::{Frontend, Served};
 use crate::replica::client::Client;
 use crate::replica::copy;
 
@@ -228,6 +229,33 @@ pub struct InstanceInfo {
     pub running: bool,
 }
 
+impl InstanceInfo {
+    /// Where an engine serves its volume, read from its own arguments (an
+    /// engine adopted from before a change of the node's frontend keeps
+    /// the one it was started with).
+    pub fn served(&self) -> Served {
+        let arg = |flag: &str| {
+            let at = self.spec.args.iter().position(|a| a == flag)?;
+            self.spec.args.get(at + 1).cloned()
+        };
+        match arg("--portal") {
+            Some(portal) => Served::Iscsi {
+                portal,
+                iqn: iqn(&self.spec.volume),
+            },
+            None => Served::Fuse {
+                file: self.spec.path.clone(),
+            },
+        }
+    }
+}
+
+/// The iSCSI target name the engine of `volume` serves (the volume id is a
+/// label, so it always makes a valid name).
+pub fn iqn(volume: &str) -> String {
+    format!("{}:{volume}", crate::frontend::iscsi::IQN_PREFIX)
+}
+
 /// A process kept running by [`supervise`] until stopped.
 #[derive(Debug)]
 struct Supervised {
@@ -299,6 +327,8 @@ pub struct Instances {
     ip: IpAddr,
     disks: Vec<PathBuf>,
     state: PathBuf,
+    /// How engines started here serve their volumes.
+    frontend: Frontend,
     live: Mutex<BTreeMap<String, Instance>>,
     /// Serialises starts and stops so two calls for one instance cannot
     /// race.
@@ -507,12 +537,19 @@ impl Instances {
     /// An instance manager starting `exe` for replicas serving on `ip`
     /// over `disks`, and for engines; its records and engines' files live
     /// under `state`.
-    pub fn new(exe: PathBuf, ip: IpAddr, disks: Vec<PathBuf>, state: PathBuf) -> Self {
+    pub fn new(
+        exe: PathBuf,
+        ip: IpAddr,
+        disks: Vec<PathBuf>,
+        state: PathBuf,
+        frontend: Frontend,
+    ) -> Self {
         Self {
             exe,
             ip,
             disks,
             state,
+            frontend,
             live: Mutex::new(BTreeMap::new()),
             ops: tokio::sync::Mutex::new(()),
         }
@@ -822,12 +859,23 @@ impl Instances {
             "--control",
             &control,
             "--frontend",
-            "fuse",
-            "--path",
-            &path.to_string_lossy(),
+            self.frontend.as_str(),
         ]
         .map(str::to_owned)
         .to_vec();
+        match self.frontend {
+            Frontend::Fuse => args.extend(["--path".to_owned(), path.display().to_string()]),
+            // The initiator is on this node: the portal needs no other
+            // address than loopback, and keeps its port across restarts
+            // (it is in the record), so the initiator reconnects.
+            Frontend::Iscsi => {
+                let port = free_port(lo).map_err(|e| fail(e.to_string()))?;
+                args.extend([
+                    "--portal".to_owned(),
+                    std::net::SocketAddr::new(lo, port).to_string(),
+                ]);
+            }
+        }
         for r in replicas {
             args.extend(["--replica".to_owned(), r.clone()]);
         }

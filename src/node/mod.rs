@@ -5,17 +5,19 @@
 //! and the CSI Identity and Node services ([`csi_node`], with the kernel
 //! side in [`mount`]).
 //!
-//! Status (issue 5, in progress): replicas and engines are started,
-//! supervised and stopped on the controller's request; volumes are staged
-//! through the FUSE frontend and a loop device, formatted when blank,
-//! mounted and bind-published. A node plugin that is killed leaves its
-//! instances serving; when it starts again it adopts them (a SIGTERMed
-//! one stops them and starts them again when it comes back). Not yet: the
-//! iSCSI attach path and expansion.
+//! Replicas and engines are started, supervised and stopped on the
+//! controller's request. Volumes are attached ([`attach`]) through the
+//! engine's iSCSI target and the kernel's initiator (`iscsiadm`) where the
+//! kernel has one, otherwise through its FUSE file and a loop device; then
+//! formatted when blank, mounted, bind-published and grown. A node plugin
+//! that is killed leaves its instances serving; when it starts again it
+//! adopts them (a SIGTERMed one stops them and starts them again when it
+//! comes back).
 //!
 //! It starts replicas and engines as separate processes of this binary and
 //! must not import `crate::controller` (enforced by `tests/layering.rs`).
 
+pub mod attach;
 pub mod csi_node;
 pub mod instances;
 pub mod mount;
@@ -106,6 +108,9 @@ pub struct Config {
     pub max_volumes: u32,
     /// Where the node keeps its own files (engines' FUSE files).
     pub state_dir: PathBuf,
+    /// How engines here serve volumes to the kernel; `None`: iSCSI where
+    /// the kernel has an initiator, FUSE otherwise ([`attach::choose`]).
+    pub frontend: Option<attach::Frontend>,
 }
 
 /// What can stop the node from serving.
@@ -269,11 +274,22 @@ impl agent::agent_server::Agent for Arc<Node> {
             .start_engine(&r.volume_id, r.size_bytes, &r.replica_addresses)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(agent::StartEngineResponse {
-            frontend: "fuse".into(),
-            path: e.spec.path.display().to_string(),
-            control_address: e.spec.addr,
-        }))
+        let mut out = agent::StartEngineResponse {
+            control_address: e.spec.addr.clone(),
+            ..Default::default()
+        };
+        match e.served() {
+            attach::Served::Fuse { file } => {
+                out.frontend = attach::Frontend::Fuse.as_str().into();
+                out.path = file.display().to_string();
+            }
+            attach::Served::Iscsi { portal, iqn } => {
+                out.frontend = attach::Frontend::Iscsi.as_str().into();
+                out.iscsi_portal = portal;
+                out.iscsi_target = iqn;
+            }
+        }
+        Ok(Response::new(out))
     }
 
     async fn stop_engine(
@@ -285,10 +301,15 @@ impl agent::agent_server::Agent for Arc<Node> {
             .instances
             .engine_file(&r.volume_id)
             .map_err(|e| status(&e))?;
-        // A loop device left over the file (a node plugin that died before
+        // A device left attached (a node plugin that died before
         // NodeUnstage finished) would turn the engine's clean unmount into
-        // a lazy detach; the CO unstaged already, so it is let go here.
-        mount::detach_loop(&file).map_err(|e| Status::new(e.kind().grpc_code(), e.to_string()))?;
+        // a lazy detach, or leave the initiator retrying a portal that is
+        // gone; the CO unstaged already, so it is let go here.
+        let iqn = instances::iqn(&r.volume_id);
+        tokio::task::spawn_blocking(move || attach::detach(&file, &iqn))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::new(e.kind().grpc_code(), e.to_string()))?;
         self.instances
             .stop_engine(&r.volume_id)
             .await
@@ -547,11 +568,17 @@ pub async fn run(
     std::fs::create_dir_all(cfg.state_dir.join("engines")).map_err(|e| {
         serve_err(format!("state directory {}", cfg.state_dir.display()))(e.to_string())
     })?;
+    let frontend = attach::choose(cfg.frontend).map_err(serve_err("the iSCSI frontend"))?;
+    tracing::info!(
+        frontend = frontend.as_str(),
+        "engines serve volumes to the kernel"
+    );
     let instances = Instances::new(
         exe,
         cfg.agent_listen.ip(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
         cfg.state_dir.clone(),
+        frontend,
     );
     // Before serving: the processes a previous run of this node left (or
     // that died with the machine) are found or started again.

@@ -89,7 +89,7 @@ fn os(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Runs `prog args`; its stdout on success.
-fn run(prog: &str, args: &[&str]) -> Result<String, Error> {
+pub(super) fn run(prog: &str, args: &[&str]) -> Result<String, Error> {
     let out = Command::new(prog)
         .args(args)
         .output()
