@@ -30,6 +30,9 @@ pub enum ErrorKind {
     Io = 7,
     /// The request is well formed but the state does not allow it now.
     FailedPrecondition = 8,
+    /// Another operation on the same object is under way; retrying once it
+    /// is done will work.
+    Busy = 9,
 }
 
 impl ErrorKind {
@@ -45,6 +48,7 @@ impl ErrorKind {
             Self::Corrupt => 7,
             Self::Io => 8,
             Self::FailedPrecondition => 9,
+            Self::Busy => 10,
         }
     }
 
@@ -60,6 +64,7 @@ impl ErrorKind {
             Self::Corrupt => tonic::Code::DataLoss,
             Self::Io => tonic::Code::Internal,
             Self::FailedPrecondition => tonic::Code::FailedPrecondition,
+            Self::Busy => tonic::Code::Aborted,
         }
     }
 
@@ -74,6 +79,7 @@ impl ErrorKind {
             tonic::Code::DataLoss => Self::Corrupt,
             tonic::Code::Internal => Self::Io,
             tonic::Code::FailedPrecondition => Self::FailedPrecondition,
+            tonic::Code::Aborted => Self::Busy,
             _ => return None,
         })
     }
@@ -89,6 +95,7 @@ impl ErrorKind {
             6 => Self::Corrupt,
             7 => Self::Io,
             8 => Self::FailedPrecondition,
+            9 => Self::Busy,
             _ => return None,
         })
     }
@@ -105,6 +112,7 @@ impl fmt::Display for ErrorKind {
             Self::Corrupt => "corrupt",
             Self::Io => "i/o error",
             Self::FailedPrecondition => "failed precondition",
+            Self::Busy => "busy",
         };
         f.write_str(s)
     }

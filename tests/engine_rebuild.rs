@@ -193,6 +193,58 @@ async fn a_fresh_replica_rebuilds_while_the_volume_serves() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_add_during_a_rebuild_is_answered_busy_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let (_dirs, mut procs, addrs) = start_three(root.path());
+    // 8 MiB/s: the 16 MiB written below take two seconds to copy.
+    let opts = Options {
+        rebuild_bytes_per_sec: 8 << 20,
+        ..Options::default()
+    };
+    let v = Volume::open_with("vol", SIZE, &addrs, opts).await.unwrap();
+    for b in (0..(16 << 20) / 4096).step_by(64) {
+        let data: Vec<u8> = (b..b + 64).flat_map(|x| content(x, 1)).collect();
+        v.write(b * 4096, Bytes::from(data)).await.unwrap();
+    }
+    drop(procs.remove(1));
+    // The next write finds it gone.
+    v.write(0, Bytes::from(content(0, 2))).await.unwrap();
+    wait_for(&v, "degraded", |s| s.health == Health::Degraded).await;
+    let (p1, first) = start_replica(&root.path().join("f1"), SIZE);
+    let (p2, second) = start_replica(&root.path().join("f2"), SIZE);
+    procs.extend([p1, p2]);
+    v.add_replica(&first).await.unwrap();
+    let t = Instant::now();
+    let e = v.add_replica(&second).await.unwrap_err();
+    assert_eq!(e.kind(), shorthorn::error::ErrorKind::Busy, "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "held {:?}",
+        t.elapsed()
+    );
+    assert!(
+        v.status().replicas.iter().all(|r| r.addr != second),
+        "a refused replica must not join"
+    );
+    // An address that does not answer is away, not busy.
+    let e = v.add_replica("127.0.0.1:1").await.unwrap_err();
+    assert_eq!(e.kind(), shorthorn::error::ErrorKind::Unavailable, "{e}");
+    wait_for(&v, "first rebuilt", |s| {
+        s.replicas
+            .iter()
+            .any(|r| r.addr == first && r.mode == Mode::ReadWrite)
+    })
+    .await;
+    v.add_replica(&second).await.unwrap();
+    wait_for(&v, "second rebuilt", |s| {
+        s.replicas
+            .iter()
+            .any(|r| r.addr == second && r.mode == Mode::ReadWrite)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_replica_that_comes_back_copies_little() {
     let root = tempfile::tempdir().unwrap();
     let (dirs, mut procs, addrs) = start_three(root.path());

@@ -128,6 +128,12 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
                 tracing::info!(volume.id = %id, replica.addr = %addr, "replica serves again; rebuilding it");
                 seen.push(Seen::Serving);
             }
+            // The replica answered the engine's probe, but another one is
+            // being rebuilt: it is not away, only waiting its turn.
+            Err(e) if e.code() == tonic::Code::Aborted => {
+                tracing::debug!(volume.id = %id, replica.addr = %addr, "replica back, waiting for another rebuild to end");
+                seen.push(Seen::Serving);
+            }
             Err(e) => {
                 tracing::debug!(volume.id = %id, replica.addr = %addr, error = %e.message(), "failed replica not back yet");
                 seen.push(Seen::Away);

@@ -78,6 +78,12 @@ pub enum Error {
     /// The operation cannot run while a rebuild is under way.
     #[error("a replica is being rebuilt; retry when it is done")]
     RebuildInProgress,
+    /// Replicas are rebuilt one at a time, and one is being rebuilt now.
+    #[error("replica {addr} answers, but another replica is being rebuilt; add it again when that is done")]
+    RebuildQueued {
+        /// The replica asked for.
+        addr: String,
+    },
     /// Expansion was asked to make the volume smaller.
     #[error("cannot shrink the volume from {size} to {requested} bytes")]
     Shrink {
@@ -138,6 +144,7 @@ impl Error {
             Self::UnknownReplica { .. } => ErrorKind::NotFound,
             Self::MembersUnavailable { .. } | Self::NoConsistentReplica => ErrorKind::Unavailable,
             Self::RebuildInProgress => ErrorKind::FailedPrecondition,
+            Self::RebuildQueued { .. } => ErrorKind::Busy,
             Self::Replica { cause, .. } => cause.kind(),
             Self::SizeMismatch { .. } => ErrorKind::FailedPrecondition,
             Self::OutOfRange { .. } => ErrorKind::OutOfRange,

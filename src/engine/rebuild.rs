@@ -34,8 +34,22 @@ use crate::replica::copy::{self, Progress};
 impl Volume {
     /// Adds replica `addr` (empty, or a stale copy of this volume) and
     /// starts rebuilding it in the background; `status` shows its progress.
-    /// Rebuilds run one at a time: this waits for an earlier one to end.
+    /// Rebuilds run one at a time: while one runs, this probes `addr` and
+    /// then answers [`Error::RebuildQueued`] (the replica answers; ask
+    /// again later), so a caller is never held for a whole rebuild and
+    /// can tell a replica that is away from one that waits its turn.
     pub async fn add_replica(&self, addr: &str) -> Result<(), Error> {
+        self.add(addr, false).await
+    }
+
+    /// [`add_replica`](Self::add_replica), waiting for an earlier rebuild
+    /// to end instead of refusing (the engine's own start-up queues its
+    /// stale replicas this way).
+    pub(super) async fn add_replica_queued(&self, addr: &str) -> Result<(), Error> {
+        self.add(addr, true).await
+    }
+
+    async fn add(&self, addr: &str, wait: bool) -> Result<(), Error> {
         let inner = &self.inner;
         {
             let slots = inner.slots();
@@ -46,12 +60,24 @@ impl Volume {
                 return Err(Error::AlreadyMember { addr: addr.into() });
             }
         }
-        let guard = Arc::clone(&inner.rebuilding).lock_owned().await;
         let err = |cause| Error::Replica {
             addr: addr.into(),
             cause,
         };
         let (conns, info) = probe(addr, &inner.opts).await.map_err(err)?;
+        let guard = match Arc::clone(&inner.rebuilding).try_lock_owned() {
+            Ok(g) => g,
+            Err(_) if wait => Arc::clone(&inner.rebuilding).lock_owned().await,
+            Err(_) => return Err(Error::RebuildQueued { addr: addr.into() }),
+        };
+        // Another add of the same replica may have won the wait.
+        if inner
+            .slots()
+            .iter()
+            .any(|s| s.addr == addr && s.mode != Mode::Failed)
+        {
+            return Err(Error::AlreadyMember { addr: addr.into() });
+        }
         let size = self.size();
         if info.size > size {
             return Err(Error::SizeMismatch {

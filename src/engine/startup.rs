@@ -208,7 +208,7 @@ impl Volume {
         for addr in stale {
             let v2 = v.clone();
             tokio::spawn(async move {
-                if let Err(e) = v2.add_replica(&addr).await {
+                if let Err(e) = v2.add_replica_queued(&addr).await {
                     tracing::error!(volume.id = %v2.name(), replica.addr = %addr, error = %e, "cannot rebuild stale replica");
                 }
             });

@@ -266,7 +266,8 @@ fn errno(e: &engine::Error) -> Errno {
         | ErrorKind::Unavailable
         | ErrorKind::Corrupt
         | ErrorKind::Io
-        | ErrorKind::FailedPrecondition => Errno::EIO,
+        | ErrorKind::FailedPrecondition
+        | ErrorKind::Busy => Errno::EIO,
     }
 }
 
