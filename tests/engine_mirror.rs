@@ -143,6 +143,30 @@ async fn a_killed_replica_loses_nothing_and_survivors_stay_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_dies_while_the_volume_is_idle_is_noticed_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let mut r = cluster::start_replicas(root.path(), 3, SIZE);
+    let v = Volume::open("vol", SIZE, &r.addrs).await.unwrap();
+    v.write(0, Bytes::from(content(0, 1))).await.unwrap();
+    let epoch = v.status().epoch;
+    drop(r.procs.remove(2));
+    // No request is sent: the closed connection alone fails the replica,
+    // and the survivors record the smaller membership.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = v.status();
+        if st.health == Health::Degraded && st.epoch > epoch {
+            assert_eq!(st.replicas[2].mode, Mode::Failed, "{st:?}");
+            assert_eq!(st.replicas[0].mode, Mode::ReadWrite, "{st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never noticed: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(v.read(0, 4096).await.unwrap(), content(0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_replica_is_dropped_within_the_timeout() {
     let root = tempfile::tempdir().unwrap();
     let mut procs = Vec::new();

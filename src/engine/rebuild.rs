@@ -111,6 +111,7 @@ impl Volume {
                 slots.len() - 1
             }
         };
+        inner.watch(idx);
         tracing::info!(volume.id = %inner.name, replica.addr = %addr, snapshot = %snap, "rebuild started");
         let inner = Arc::clone(inner);
         tokio::spawn(async move {

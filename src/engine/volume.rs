@@ -290,7 +290,8 @@ impl Volume {
     ) -> Self {
         let region = opts.region_bytes;
         let io_metrics = metrics.volume_handles();
-        Self {
+        let n = slots.len();
+        let v = Self {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
                 size: AtomicU64::new(size),
@@ -310,7 +311,11 @@ impl Volume {
                 metrics,
                 io_metrics,
             }),
+        };
+        for i in 0..n {
+            v.inner.watch(i);
         }
+        v
     }
 
     /// Volume name.
@@ -632,6 +637,34 @@ impl Inner {
         s.reads.fetch_add(1, Ordering::Relaxed);
         let ticket = ReadTicket(Arc::clone(&s.reads));
         Ok((i, s.client(seq), Arc::clone(&s.metrics), ticket))
+    }
+
+    /// Fails replica `i` as soon as one of its connections closes, so a
+    /// replica that goes away is noticed (and the volume reports itself
+    /// degraded) even while no request is under way. Watches the slot's
+    /// current connections; a slot filled anew is watched again.
+    pub(super) fn watch(self: &Arc<Self>, i: usize) {
+        let watches: Vec<_> = self.slots()[i]
+            .conns
+            .iter()
+            .map(Client::close_watch)
+            .collect();
+        for w in watches {
+            let inner = Arc::downgrade(self);
+            tokio::spawn(async move {
+                w.closed().await;
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                let current = inner.slots()[i].conns.iter().any(|c| w.is(c));
+                if current {
+                    inner.fail(i, &"connection to replica lost");
+                    // Record the smaller membership now rather than at the
+                    // next write; errors are the next request's to report.
+                    let _ = inner.settle_epoch().await;
+                }
+            });
+        }
     }
 
     /// Takes replica `i` out of the volume.

@@ -101,6 +101,41 @@ struct Pending {
     /// Calls awaiting their answer, with when they were sent.
     waiting: HashMap<u64, (Instant, oneshot::Sender<Reply>)>,
     closed: bool,
+    /// Woken once, when `closed` turns true.
+    on_close: Arc<tokio::sync::Notify>,
+}
+
+/// Tells when one connection has closed, without keeping it open (see
+/// [`Client::close_watch`]).
+#[derive(Clone)]
+pub struct CloseWatch {
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl std::fmt::Debug for CloseWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloseWatch").finish_non_exhaustive()
+    }
+}
+
+impl CloseWatch {
+    /// Resolves once the connection is closed: the replica went away, a
+    /// call timed out, or [`Client::shutdown`] was called.
+    pub async fn closed(&self) {
+        let notify = Arc::clone(&lock(&self.pending).on_close);
+        // Registered before the flag is read, so a close in between still
+        // wakes it.
+        let woken = notify.notified();
+        if lock(&self.pending).closed {
+            return;
+        }
+        woken.await;
+    }
+
+    /// Whether `client` is the connection this watches.
+    pub fn is(&self, client: &Client) -> bool {
+        Arc::ptr_eq(&self.pending, &client.pending)
+    }
 }
 
 /// A connection to one replica; cheap to clone and share.
@@ -170,6 +205,14 @@ impl Client {
             t.abort();
         }
         fail_all(&self.pending, || ClientError::Disconnected);
+    }
+
+    /// A handle that tells when this connection closes; holding it does
+    /// not keep the connection open.
+    pub fn close_watch(&self) -> CloseWatch {
+        CloseWatch {
+            pending: Arc::clone(&self.pending),
+        }
     }
 
     /// The per-call timeout.
@@ -421,6 +464,7 @@ fn fail_all(p: &Mutex<Pending>, err: impl Fn() -> ClientError) {
     for (_, (_, w)) in g.waiting.drain() {
         let _ = w.send(Err(err()));
     }
+    g.on_close.notify_waiters();
 }
 
 /// Tears the connection down when a call has waited longer than `timeout`:
