@@ -118,6 +118,40 @@ async fn create_schedules_on_distinct_nodes_and_is_idempotent() {
         .unwrap();
     assert!(odd.volume_id.starts_with("v-"), "{}", odd.volume_id);
 
+    // Topology naming the node the caller runs on (what csi-sanity sends,
+    // and one of the candidates the external-provisioner lists) says where
+    // the volume is used, not where its replicas must be: three replicas
+    // still go to three nodes. A zone confines them.
+    let on = |segments: &[(&str, &str)]| csi::TopologyRequirement {
+        requisite: vec![csi::Topology {
+            segments: segments
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }],
+        preferred: Vec::new(),
+    };
+    let mut req = create_req("pvc-here", 1 << 20, &[]);
+    req.accessibility_requirements = Some(on(&[("shorthorn.io/node", "node-0")]));
+    ctl.create_volume(req).await.unwrap();
+    let rec = c.record("pvc-here").await;
+    assert_eq!(rec["replicas"].as_array().unwrap().len(), 3, "{rec}");
+    let mut req = create_req("pvc-zoned", 1 << 20, &[]);
+    req.accessibility_requirements = Some(on(&[
+        ("shorthorn.io/node", "node-0"),
+        ("topology.kubernetes.io/zone", "z1"),
+    ]));
+    let e = ctl.create_volume(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let mut req = create_req("pvc-zoned", 1 << 20, &[("numberOfReplicas", "1")]);
+    req.accessibility_requirements = Some(on(&[("topology.kubernetes.io/zone", "z2")]));
+    ctl.create_volume(req).await.unwrap();
+    let rec = c.record("pvc-zoned").await;
+    assert_eq!(
+        rec["replicas"][0]["node"], "node-1",
+        "z2 is node-1's: {rec}"
+    );
+
     // Delete is idempotent, and the name is free again afterwards.
     for _ in 0..2 {
         ctl.delete_volume(csi::DeleteVolumeRequest {

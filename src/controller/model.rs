@@ -152,8 +152,9 @@ pub struct NodeRecord {
 /// The topology key naming a node's zone.
 pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
 
-/// The topology key every node reports with its own id, so a volume can
-/// be pinned to nodes by CSI topology even without zones.
+/// The topology key every node reports with its own id: it tells the CO
+/// which node a plugin runs on. It never confines replicas (a volume is
+/// reached from any node); zones do.
 pub const NODE_KEY: &str = "shorthorn.io/node";
 
 /// The volume id for CSI name `name`: the name itself when it is a DNS

@@ -26,7 +26,7 @@ use crate::store::{self, Expect, Store};
 
 use super::model::{
     snapshot_id, volume_id, ContentSource, NodeRecord, ReplicaRecord, SnapshotRecord, VolumeRecord,
-    VolumeState, NAMES, NODES, SNAPSHOTS, VOLUMES, ZONE_KEY,
+    VolumeState, NAMES, NODES, NODE_KEY, SNAPSHOTS, VOLUMES, ZONE_KEY,
 };
 use super::params::{FsType, VolumeParams};
 use super::scheduler::{self, Candidate, Disk};
@@ -210,10 +210,17 @@ fn compatible(v: &VolumeRecord, range: Option<&csi::CapacityRange>, p: &VolumePa
     v.size >= req.unsigned_abs() && (lim == 0 || v.size <= lim.unsigned_abs()) && v.params == *p
 }
 
-/// Whether node `n` reports every segment of `t` with the same value.
+/// Whether node `n` may hold replicas of a volume that must be accessible
+/// from `t`: it reports every segment of `t` with the same value, leaving
+/// out the per-node key. A volume is reached over the network from any
+/// node, so naming nodes (as the external-provisioner lists every
+/// candidate node, and csi-sanity the one it runs on) says where the
+/// volume is used, not where its data must live; zones and other keys do
+/// confine the data.
 fn in_topology(n: &NodeRecord, t: &csi::Topology) -> bool {
     t.segments
         .iter()
+        .filter(|(k, _)| k.as_str() != NODE_KEY)
         .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
 }
 

@@ -13,7 +13,7 @@
 // Handlers answer with tonic's Status, the CSI boundary.
 #![allow(clippy::result_large_err)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -54,6 +54,19 @@ fn absolute(field: &str, v: &str) -> Result<PathBuf, Status> {
     let p = PathBuf::from(required(field, v)?);
     if !p.is_absolute() {
         return Err(invalid(format!("{field} {v:?} must be an absolute path")));
+    }
+    Ok(p)
+}
+
+/// The `volume_path` of a stats or expand request: given, and naming a
+/// place a volume can be published at (a relative path names none, so the
+/// volume is NOT_FOUND there, as the spec words it).
+fn published_path(v: &str) -> Result<PathBuf, Status> {
+    let p = PathBuf::from(required("volume_path", v)?);
+    if !p.is_absolute() {
+        return Err(Status::not_found(format!(
+            "volume_path {v:?} is not an absolute path, so no volume is published there"
+        )));
     }
     Ok(p)
 }
@@ -128,6 +141,27 @@ impl Node {
     fn begin(&self, volume: &str) -> Result<super::Busy<'_>, Status> {
         super::Busy::take(&self.busy, volume)
     }
+}
+
+/// Another target `source` (a staging mount, or a device node) is
+/// published at, besides `target`.
+fn published_elsewhere(source: &Path, target: &Path) -> Result<Option<PathBuf>, mount::Error> {
+    let anchor = match mount::mounted_at(source)? {
+        Some(m) => m,
+        None => {
+            // A device node: its publications are binds of that file of
+            // the /dev filesystem.
+            let dev = Path::new("/dev");
+            let real = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_owned());
+            let (Some(mut m), Ok(rel)) = (mount::mounted_at(dev)?, real.strip_prefix(dev)) else {
+                return Ok(None);
+            };
+            m.root = Path::new("/").join(rel);
+            m.target = real.clone();
+            m
+        }
+    };
+    Ok(mount::also_mounted(&anchor, &[target])?.into_iter().next())
 }
 
 #[tonic::async_trait]
@@ -252,8 +286,23 @@ impl csi::node_server::Node for Arc<Node> {
             Access::Mount { flags, .. } => flags,
             Access::Block => Vec::new(),
         };
+        let single_writer = r
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_mode.as_ref())
+            .is_some_and(|m| {
+                m.mode == csi::volume_capability::access_mode::Mode::SingleNodeSingleWriter as i32
+            });
         let (ro, volume) = (r.readonly, volume.to_owned());
         kernel(move || {
+            if single_writer {
+                if let Some(other) = published_elsewhere(&source, &target)? {
+                    return Err(mount::Error::SingleWriter {
+                        volume,
+                        other: other.display().to_string(),
+                    });
+                }
+            }
             mount::bind(&source, &target, ro, &flags)?;
             tracing::info!(volume.id = %volume, target = %target.display(), read_only = ro, "volume published");
             Ok(())
@@ -286,7 +335,7 @@ impl csi::node_server::Node for Arc<Node> {
     ) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
         let r = r.into_inner();
         let volume = required("volume_id", &r.volume_id)?;
-        let path = absolute("volume_path", &r.volume_path)?;
+        let path = published_path(&r.volume_path)?;
         let meta = std::fs::metadata(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Status::not_found(format!("volume_path {} does not exist", path.display()))
@@ -344,7 +393,7 @@ impl csi::node_server::Node for Arc<Node> {
     ) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
         let r = r.into_inner();
         let volume = required("volume_id", &r.volume_id)?;
-        let path = absolute("volume_path", &r.volume_path)?;
+        let path = published_path(&r.volume_path)?;
         let want = r
             .capacity_range
             .as_ref()

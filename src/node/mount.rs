@@ -59,6 +59,14 @@ pub enum Error {
         /// The device.
         device: String,
     },
+    /// The volume's access mode allows one publication, and it has one.
+    #[error("volume {volume} has access mode SINGLE_NODE_SINGLE_WRITER and is already published at {other}; unpublish it there first")]
+    SingleWriter {
+        /// The volume.
+        volume: String,
+        /// Where it is published.
+        other: String,
+    },
     /// A file or directory operation failed.
     #[error("{what} {path}: {cause}")]
     Os {
@@ -76,7 +84,9 @@ impl Error {
     pub fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind as K;
         match self {
-            Self::Occupied { .. } | Self::NoOnlineGrow { .. } => K::FailedPrecondition,
+            Self::Occupied { .. } | Self::NoOnlineGrow { .. } | Self::SingleWriter { .. } => {
+                K::FailedPrecondition
+            }
             Self::Mismatch { .. } => K::AlreadyExists,
             Self::Tool { .. } | Self::Missing { .. } | Self::Os { .. } => K::Io,
         }
@@ -111,6 +121,9 @@ pub(super) fn run(prog: &str, args: &[&str]) -> Result<String, Error> {
 pub struct MountEntry {
     /// `major:minor` of the mounted device.
     pub dev: String,
+    /// The directory or file of that filesystem mounted here (`/` for a
+    /// whole filesystem, `/loop3` for a bind of a device node).
+    pub root: PathBuf,
     /// The mount point.
     pub target: PathBuf,
     /// Per-mount options (`rw`/`ro`, ...).
@@ -164,6 +177,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             }
             Some(MountEntry {
                 dev: h[2].to_owned(),
+                root: PathBuf::from(unescape(h[3])),
                 target: PathBuf::from(unescape(h[4])),
                 options: h[5].split(',').map(str::to_owned).collect(),
                 fstype: unescape(t[0]),
@@ -182,6 +196,19 @@ pub fn mounted_at(path: &Path) -> Result<Option<MountEntry>, Error> {
         .into_iter()
         .rev()
         .find(|m| m.target == path))
+}
+
+/// Where else the mount at `mounted` shows the same filesystem or file
+/// (same device, same root), besides the targets in `except`.
+pub fn also_mounted(mounted: &MountEntry, except: &[&Path]) -> Result<Vec<PathBuf>, Error> {
+    let me = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(me).map_err(os("reading", me))?;
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.dev == mounted.dev && m.root == mounted.root)
+        .filter(|m| m.target != mounted.target && !except.contains(&m.target.as_path()))
+        .map(|m| m.target)
+        .collect())
 }
 
 /// The loop device whose backing file is `file`, if one is attached.

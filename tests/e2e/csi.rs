@@ -629,6 +629,48 @@ async fn xfs_and_raw_block_volumes_and_the_node_error_codes() {
     node_publish(&c, "pvc-xfs", 1, &p, &p.target, &xfs, false)
         .await
         .unwrap();
+    // A single-writer capability allows one publication: a second target
+    // is refused and nothing is mounted or made there; the same target
+    // again is fine.
+    let mut one_writer = xfs.clone();
+    one_writer.access_mode = Some(AccessMode {
+        mode: Mode::SingleNodeSingleWriter as i32,
+    });
+    let other = p.target.with_file_name("other");
+    let e = node_publish(&c, "pvc-xfs", 1, &p, &other, &one_writer, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&p.target.display().to_string()),
+        "{e:?}"
+    );
+    assert!(!other.exists(), "a refused publication made its target");
+    node_publish(&c, "pvc-xfs", 1, &p, &p.target, &one_writer, false)
+        .await
+        .unwrap();
+    // A path that is not absolute names no publication: NOT_FOUND, for a
+    // known volume and an unknown one alike.
+    for vol in ["pvc-xfs", "pvc-none"] {
+        let e = n
+            .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vol.into(),
+                volume_path: "some/path".into(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{vol}: {e:?}");
+        let e = n
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vol.into(),
+                volume_path: "some/path".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{vol}: {e:?}");
+    }
     let data = pattern(3, 5 * MIB as usize);
     write_file(&p.target.join("f"), &data);
     tear_down(&c, "pvc-xfs", 1, &p, &[&p.target]).await;
@@ -657,6 +699,16 @@ async fn xfs_and_raw_block_volumes_and_the_node_error_codes() {
     node_publish(&c, "pvc-block", 0, &pb, &dev, &block, false)
         .await
         .unwrap();
+    let mut one_writer = block.clone();
+    one_writer.access_mode = Some(AccessMode {
+        mode: Mode::SingleNodeSingleWriter as i32,
+    });
+    let other = dev.with_file_name("dev2");
+    let e = node_publish(&c, "pvc-block", 0, &pb, &other, &one_writer, false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(!other.exists(), "a refused publication made its target");
     {
         let mut f = std::fs::OpenOptions::new()
             .read(true)
@@ -1551,7 +1603,9 @@ async fn settle(c: &mut Ctl, vol: &str, engine: usize, nodes: impl Fn(&[usize]) 
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     healthy_with(c, vol, engine, rec["replicas"].as_array().unwrap().len()).await;
-    assert_replicas_identical(&rec).await;
+    // Read again: a replica placed but not yet created had no address in
+    // the first read.
+    assert_replicas_identical(&c.record(vol).await).await;
 }
 
 /// Every replica in volume record `rec` holds the same bytes.
