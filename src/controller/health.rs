@@ -26,6 +26,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tonic::Status;
 
 use super::model::{ReplicaRecord, VolumeRecord, VolumeState, VOLUMES};
@@ -51,19 +52,26 @@ pub async fn check_all(ctl: &Controller) {
             return;
         }
     };
-    for (id, v) in volumes {
-        if !v.value.retired.is_empty() {
-            delete_retired(ctl, &id, &v.value.retired).await;
-        }
-        let watched = v.value.state.serving();
-        let Some(node) = v.value.published_node.clone().filter(|_| watched) else {
-            continue;
-        };
-        if let Err(e) = check(ctl, &id, &node).await {
-            tracing::debug!(volume.id = %id, error = %e, "health check failed");
-        }
-    }
+    // Side by side: a node that does not answer costs its volumes the
+    // connect timeout, and must not hold up every other volume's check.
+    futures_util::stream::iter(volumes)
+        .for_each_concurrent(CHECKS_AT_ONCE, |(id, v)| async move {
+            if !v.value.retired.is_empty() {
+                delete_retired(ctl, &id, &v.value.retired).await;
+            }
+            let watched = v.value.state.serving();
+            let Some(node) = v.value.published_node.clone().filter(|_| watched) else {
+                return;
+            };
+            if let Err(e) = check(ctl, &id, &node).await {
+                tracing::debug!(volume.id = %id, error = %e, "health check failed");
+            }
+        })
+        .await;
 }
+
+/// Volumes checked at once in a round.
+const CHECKS_AT_ONCE: usize = 16;
 
 /// What became of one replica of the record in this round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -716,6 +716,22 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 snaps.join(", ")
             )));
         }
+        let cloning = self.filling_from(&ContentSource::Volume(r.volume_id.clone()))?;
+        if !cloning.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is being cloned into {}; let that finish or delete it first",
+                r.volume_id,
+                cloning.join(", ")
+            )));
+        }
+        // A clone that never finished may have left its transient
+        // snapshot on the source.
+        if matches!(
+            cur.value.state,
+            VolumeState::Creating | VolumeState::Deleting
+        ) {
+            self.drop_clone_snapshot(&cur.value).await;
+        }
         // Deleting is recorded first, so a retry after a failure here
         // finishes the job instead of resurrecting the volume.
         let mut rec = cur.value.clone();
@@ -1129,16 +1145,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
         else {
             return Ok(Response::new(csi::DeleteSnapshotResponse {}));
         };
-        let restoring: Vec<String> = VOLUMES
-            .all(&*self.store)
-            .map_err(store_status)?
-            .into_iter()
-            .filter(|(_, v)| {
-                v.value.state == VolumeState::Creating
-                    && v.value.source == Some(ContentSource::Snapshot(r.snapshot_id.clone()))
-            })
-            .map(|(id, _)| id)
-            .collect();
+        let restoring = self.filling_from(&ContentSource::Snapshot(r.snapshot_id.clone()))?;
         if !restoring.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "snapshot {} is being restored into {}",

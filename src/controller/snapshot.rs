@@ -20,7 +20,7 @@ use std::collections::HashMap;
 
 use tonic::Status;
 
-use super::model::{ContentSource, SnapshotRecord, VolumeRecord, SNAPSHOTS};
+use super::model::{ContentSource, SnapshotRecord, VolumeRecord, VolumeState, SNAPSHOTS, VOLUMES};
 use super::service::{agent_failed, store_status, Controller};
 use crate::api::agent;
 
@@ -80,6 +80,40 @@ impl Controller {
             .map_err(store_status)?
             .map(|s| s.value)
             .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))
+    }
+
+    /// Volumes still being made from `src` (restored or cloned, not yet
+    /// filled): the source must stay until they are.
+    pub(super) fn filling_from(&self, src: &ContentSource) -> Result<Vec<String>, Status> {
+        Ok(VOLUMES
+            .all(&*self.store)
+            .map_err(store_status)?
+            .into_iter()
+            .filter(|(_, v)| {
+                v.value.state == VolumeState::Creating && v.value.source.as_ref() == Some(src)
+            })
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Removes the transient snapshot a clone `v` that never finished
+    /// left on its source volume. Best effort: the clone is being deleted
+    /// either way, and a layer left behind costs only space.
+    pub(super) async fn drop_clone_snapshot(&self, v: &VolumeRecord) {
+        let Some(ContentSource::Volume(src)) = &v.source else {
+            return;
+        };
+        let snapshot = super::model::clone_snapshot(&v.id);
+        let removed = async {
+            let _busy = self.begin(src)?;
+            match self.get_volume(src)? {
+                Some(source) => self.snapshot_volume(&source, &snapshot, true).await,
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = removed.await {
+            tracing::warn!(volume.id = %v.id, source = %src, snapshot = %snapshot, error = %e.message(), "clone's transient snapshot left on its source");
+        }
     }
 
     /// The size a volume made from `src` must have at least, checking

@@ -1768,10 +1768,63 @@ async fn a_restore_killed_mid_copy_is_finished_by_the_retry_never_served_half_do
     assert_eq!(std::fs::read(pc.target.join("big")).unwrap(), big);
     tear_down(&c, copy, 2, &pc, &[&pc.target]).await;
     delete_snapshot(&c, &s.snapshot_id).await.unwrap();
+
+    // A clone cut off the same way holds its source: the source cannot
+    // be deleted under it, and deleting the half-made clone instead
+    // removes the transient snapshot it took on the source.
+    c.nodes[1].restart_armed("copy.chunk-copied");
+    c.nodes[1].agent().await;
+    let clone = "pvc-kill-clone";
+    create_from(&c, clone, 0, 0, from_volume(src))
+        .await
+        .unwrap_err();
+    assert!(c.nodes[1].exited(), "node-1 did not reach the failpoint");
+    c.nodes[1].restart();
+    c.nodes[1].agent().await;
+    let e = delete_volume(&c, src).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(clone), "{e:?}");
+    let transient = format!("clone.{clone}");
+    assert!(
+        layer_names(&mut c, src)
+            .await
+            .iter()
+            .all(|n| n.contains(&transient)),
+        "the clone's snapshot is on every source replica"
+    );
+    delete_volume(&c, clone).await.unwrap();
+    assert!(c.replica_dirs(clone).is_empty());
+    let left = layer_names(&mut c, src).await;
+    assert!(
+        left.iter().all(|n| !n.contains(&transient)),
+        "transient snapshot left: {left:?}"
+    );
+
     for vol in [copy, src] {
         delete_volume(&c, vol).await.unwrap();
         assert!(c.replica_dirs(vol).is_empty());
     }
+}
+
+/// The layer names each replica of `vol` lists.
+async fn layer_names(c: &mut Ctl, vol: &str) -> Vec<Vec<String>> {
+    let mut names = Vec::new();
+    for r in c.record(vol).await["replicas"].as_array().unwrap() {
+        let client = shorthorn::replica::client::Client::connect(r["address"].as_str().unwrap())
+            .await
+            .unwrap();
+        names.push(
+            client
+                .list()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|l| l.name)
+                .collect(),
+        );
+        client.shutdown();
+    }
+    names
 }
 
 /// The address of one replica of `vol`.
