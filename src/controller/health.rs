@@ -29,9 +29,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tonic::Status;
 
-use super::model::{ReplicaRecord, VolumeRecord, VolumeState, VOLUMES};
+use super::model::{ReplicaRecord, VolumeRecord, VolumeState, VOLUMES, ZONE_KEY};
 use super::params::DataLocality;
-use super::service::{now, Controller};
+use super::service::{allowed_nodes, now, Controller};
 use crate::api::agent;
 use crate::store::Expect;
 
@@ -345,6 +345,11 @@ async fn grow(
     swap: Option<usize>,
 ) -> Result<(VolumeRecord, u64), Status> {
     let nodes = ctl.nodes()?;
+    // Within the volume's own topology, as its first replicas were.
+    let allowed = match (allowed, allowed_nodes(&v.topology, &nodes)) {
+        (Some(a), Some(t)) => Some(a.intersection(&t).cloned().collect()),
+        (a, t) => a.or(t),
+    };
     let mut req = Controller::scheduler_request(&v.params, v.size, allowed);
     req.count = 1;
     req.excluded = v
@@ -353,6 +358,15 @@ async fn grow(
         .chain(&v.retired)
         .map(|r| r.node.clone())
         .collect::<BTreeSet<_>>();
+    // Away from the zones the replicas that stay are in.
+    req.used_zones = v
+        .replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != swap)
+        .filter_map(|(_, r)| nodes.iter().find(|n| n.id == r.node))
+        .filter_map(|n| n.topology.get(ZONE_KEY).cloned())
+        .collect();
     let p = ctl
         .place(&req, &nodes)?
         .into_iter()

@@ -88,6 +88,12 @@ pub struct VolumeRecord {
     /// Replaced replicas whose deletion waits for their node to answer.
     #[serde(default)]
     pub retired: Vec<ReplicaRecord>,
+    /// Where its replicas may live: a node qualifies when it matches every
+    /// segment of one of these (from CreateVolume's accessibility
+    /// requirements, the per-node key left out); empty, anywhere. Kept so
+    /// replicas added later obey it as the first ones did.
+    #[serde(default)]
+    pub topology: Vec<BTreeMap<String, String>>,
 }
 
 /// A volume's initial content.

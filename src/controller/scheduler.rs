@@ -13,8 +13,9 @@
 //! - only nodes the volume's topology allows, and none it excludes
 //!   (nodes already holding one of its replicas).
 //!
-//! Soft: replicas spread over as many zones as the eligible nodes offer;
-//! then the disk with the most room left wins (ties by node id, then
+//! Soft: replicas spread over as many zones as the eligible nodes offer,
+//! zones the volume's other replicas are in counting as taken; then the
+//! disk with the most room left wins (ties by node id, then
 //! path, so a placement is reproducible).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -59,6 +60,9 @@ pub struct Request {
     pub allowed: Option<BTreeSet<String>>,
     /// Nodes that must not be chosen (they hold a replica already).
     pub excluded: BTreeSet<String>,
+    /// Zones the volume's other replicas are in already: new ones go to
+    /// other zones first.
+    pub used_zones: BTreeSet<String>,
 }
 
 /// One replica's place.
@@ -192,7 +196,8 @@ pub fn place(
     // Roomiest first, then by node id for reproducibility.
     eligible.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.node.cmp(b.0.node)));
     let mut chosen = Vec::with_capacity(req.count);
-    let mut zones: BTreeSet<Option<&str>> = BTreeSet::new();
+    let mut zones: BTreeSet<Option<&str>> =
+        req.used_zones.iter().map(|z| Some(z.as_str())).collect();
     let mut taken = vec![false; eligible.len()];
     while chosen.len() < req.count {
         // A node in a zone not used yet, if any; otherwise the roomiest.
@@ -278,6 +283,9 @@ mod tests {
     }
 
     proptest! {
+        // Cheap cases, and the zone rules need many to meet their corners
+        // (256 missed a scheduler that ignored the volume's zones).
+        #![proptest_config(ProptestConfig::with_cases(4096))]
         /// Placements obey every hard rule; the scheduler fails only when
         /// fewer nodes than asked have a fitting disk; and it uses as many
         /// zones as the fitting nodes offer (up to the count).
@@ -291,6 +299,7 @@ mod tests {
             node_selector in tagset(),
             excl in prop::collection::btree_set(0usize..7, 0..2),
             used_seed in prop::collection::vec(0u64..150, 21),
+            used_zones in prop::collection::btree_set(prop_oneof![Just("z1".to_owned()), Just("z2".to_owned())], 0..2),
         ) {
             let req = Request {
                 size,
@@ -299,6 +308,7 @@ mod tests {
                 node_selector,
                 allowed: None,
                 excluded: excl.iter().map(|i| format!("n{i}")).collect(),
+                used_zones,
             };
             let mut scheduled = BTreeMap::new();
             for (i, n) in ns.iter().enumerate() {
@@ -319,8 +329,11 @@ mod tests {
                         let d = n.disks.iter().find(|d| d.path == x.disk).unwrap();
                         prop_assert!(fits(&req, n, d, used(n, d), over));
                     }
-                    let zones_available: BTreeSet<_> = fitting.iter().filter_map(|n| n.zone.as_ref()).collect();
-                    let zones_used: BTreeSet<_> = p.iter().filter_map(|x| ns.iter().find(|n| n.id == x.node).unwrap().zone.as_ref()).collect();
+                    // Zones the volume is not in yet are used first, as
+                    // many as the fitting nodes offer (up to the count).
+                    let fresh = |z: &&String| !req.used_zones.contains(*z);
+                    let zones_available: BTreeSet<_> = fitting.iter().filter_map(|n| n.zone.as_ref()).filter(fresh).collect();
+                    let zones_used: BTreeSet<_> = p.iter().filter_map(|x| ns.iter().find(|n| n.id == x.node).unwrap().zone.as_ref()).filter(fresh).collect();
                     prop_assert_eq!(zones_used.len(), zones_available.len().min(count));
                 }
                 Err(s) => {

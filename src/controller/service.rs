@@ -210,40 +210,58 @@ fn compatible(v: &VolumeRecord, range: Option<&csi::CapacityRange>, p: &VolumePa
     v.size >= req.unsigned_abs() && (lim == 0 || v.size <= lim.unsigned_abs()) && v.params == *p
 }
 
-/// Whether node `n` may hold replicas of a volume that must be accessible
-/// from `t`: it reports every segment of `t` with the same value, leaving
-/// out the per-node key. A volume is reached over the network from any
-/// node, so naming nodes (as the external-provisioner lists every
+/// Where replicas of a volume that must be accessible from `req` may
+/// live: the requisite topologies (or, without any, the preferred ones),
+/// each without the per-node key. A volume is reached over the network
+/// from any node, so naming nodes (as the external-provisioner lists every
 /// candidate node, and csi-sanity the one it runs on) says where the
 /// volume is used, not where its data must live; zones and other keys do
-/// confine the data.
-fn in_topology(n: &NodeRecord, t: &csi::Topology) -> bool {
-    t.segments
+/// confine the data. Empty: anywhere.
+fn placement_topology(req: Option<&csi::TopologyRequirement>) -> Vec<BTreeMap<String, String>> {
+    let Some(req) = req else {
+        return Vec::new();
+    };
+    let wanted = if req.requisite.is_empty() {
+        &req.preferred
+    } else {
+        &req.requisite
+    };
+    let topology: Vec<BTreeMap<String, String>> = wanted
         .iter()
-        .filter(|(k, _)| k.as_str() != NODE_KEY)
+        .map(|t| {
+            t.segments
+                .iter()
+                .filter(|(k, _)| k.as_str() != NODE_KEY)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .collect();
+    // One topology that every node matches leaves the choice open.
+    if topology.iter().any(BTreeMap::is_empty) {
+        return Vec::new();
+    }
+    topology
+}
+
+/// Whether node `n` reports every segment of `t` with the same value.
+fn in_topology(n: &NodeRecord, t: &BTreeMap<String, String>) -> bool {
+    t.iter()
         .all(|(k, v)| n.topology.get(k).is_some_and(|x| x == v))
 }
 
-/// Node ids allowed by a topology requirement: those matching one of its
-/// requisite segments (all of whose keys the node reports with the same
-/// value). `None` when the request does not constrain topology.
-fn allowed_nodes(
-    req: Option<&csi::TopologyRequirement>,
+/// Node ids `topology` allows (see [`placement_topology`]); `None` when it
+/// does not constrain placement.
+pub(super) fn allowed_nodes(
+    topology: &[BTreeMap<String, String>],
     nodes: &[NodeRecord],
 ) -> Option<BTreeSet<String>> {
-    let req = req?;
-    let wanted: Vec<&csi::Topology> = if req.requisite.is_empty() {
-        req.preferred.iter().collect()
-    } else {
-        req.requisite.iter().collect()
-    };
-    if wanted.is_empty() {
+    if topology.is_empty() {
         return None;
     }
     Some(
         nodes
             .iter()
-            .filter(|n| wanted.iter().any(|t| in_topology(n, t)))
+            .filter(|n| topology.iter().any(|t| in_topology(n, t)))
             .map(|n| n.id.clone())
             .collect(),
     )
@@ -507,6 +525,7 @@ impl Controller {
             node_selector: p.node_selector.clone(),
             allowed,
             excluded: BTreeSet::new(),
+            used_zones: BTreeSet::new(),
         }
     }
 }
@@ -637,7 +656,8 @@ impl csi::controller_server::Controller for Arc<Controller> {
             None => size,
         };
         let nodes = self.nodes()?;
-        let allowed = allowed_nodes(r.accessibility_requirements.as_ref(), &nodes);
+        let topology = placement_topology(r.accessibility_requirements.as_ref());
+        let allowed = allowed_nodes(&topology, &nodes);
         let req = Controller::scheduler_request(&params, size, allowed);
         let replicas = self
             .place(&req, &nodes)?
@@ -661,6 +681,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             published_node: None,
             source,
             retired: Vec::new(),
+            topology,
         };
         // The placement is recorded before any node acts on it, so a crash
         // or a failed node leaves a record a retry resumes, never replicas
@@ -1010,13 +1031,18 @@ impl csi::controller_server::Controller for Arc<Controller> {
         }
         let params = self.params(&r.parameters)?;
         let nodes = self.nodes()?;
-        let allowed = r.accessible_topology.as_ref().map(|t| {
-            nodes
-                .iter()
-                .filter(|n| in_topology(n, t))
-                .map(|n| n.id.clone())
-                .collect::<BTreeSet<_>>()
-        });
+        let allowed = allowed_nodes(
+            &placement_topology(
+                r.accessible_topology
+                    .as_ref()
+                    .map(|t| csi::TopologyRequirement {
+                        requisite: vec![t.clone()],
+                        preferred: Vec::new(),
+                    })
+                    .as_ref(),
+            ),
+            &nodes,
+        );
         let req = Controller::scheduler_request(&params, SIZE_STEP, allowed);
         let room = scheduler::largest(
             &req,
@@ -1317,10 +1343,12 @@ impl csi::controller_server::Controller for Arc<Controller> {
             .map_err(invalid)?;
         if params.replicas > v.params.replicas {
             // Room for the extra replicas, on nodes holding none yet.
-            let mut req = Controller::scheduler_request(&params, v.size, None);
+            let nodes = self.nodes()?;
+            let allowed = allowed_nodes(&v.topology, &nodes);
+            let mut req = Controller::scheduler_request(&params, v.size, allowed);
             req.count = (params.replicas - v.params.replicas) as usize;
             req.excluded = v.replicas.iter().map(|x| x.node.clone()).collect();
-            self.place(&req, &self.nodes()?)?;
+            self.place(&req, &nodes)?;
         }
         if params != v.params {
             tracing::info!(volume.id = %v.id, replicas = params.replicas, locality = ?params.data_locality, "volume modified");

@@ -1476,15 +1476,22 @@ async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(dir.path()).await;
     c.add_node(dir.path(), 3, "z1", 10).await;
+    // The roomiest node, in a zone of its own, is outside the volume's
+    // topology: the replacement must not go there, although it would
+    // spread the replicas wider.
+    c.add_node(dir.path(), 4, "z9", 50).await;
     let vol = "pvc-stale";
-    c.controller()
-        .create_volume(create_req(
-            vol,
-            (128 * MIB) as i64,
-            &[("staleReplicaTimeout", "2s")],
-        ))
-        .await
-        .unwrap();
+    let mut req = create_req(vol, (128 * MIB) as i64, &[("staleReplicaTimeout", "2s")]);
+    req.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: ["z1", "z2", "z3"]
+            .iter()
+            .map(|z| csi::Topology {
+                segments: [("topology.kubernetes.io/zone".to_owned(), (*z).to_owned())].into(),
+            })
+            .collect(),
+        preferred: Vec::new(),
+    });
+    c.controller().create_volume(req).await.unwrap();
     let rec = c.record(vol).await;
     let holders: Vec<usize> = rec["replicas"]
         .as_array()
@@ -1493,6 +1500,7 @@ async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
         .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
         .collect();
     let (engine_node, victim) = (holders[0], holders[1]);
+    assert!(!holders.contains(&4), "outside the topology: {rec}");
     let spare = (0..4).find(|n| !holders.contains(n)).unwrap();
     let p = mount_on(&c, dir.path(), vol, engine_node, "ext4").await;
     let keep = pattern(7, 4 * MIB as usize);
