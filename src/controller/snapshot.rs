@@ -143,14 +143,20 @@ impl Controller {
             ContentSource::Snapshot(id) => (self.existing_snapshot(id)?.volume, id.clone(), false),
             ContentSource::Volume(id) => (id.clone(), super::model::clone_snapshot(&v.id), true),
         };
-        // The source volume's slot keeps its snapshot from being removed
-        // (and it from being deleted) while the copy reads it.
-        let _busy = self.begin(&volume)?;
-        let source = self.existing(&volume)?.value;
-        if transient {
-            check_snapshottable(&source)?;
-            self.snapshot_volume(&source, &snapshot, false).await?;
-        }
+        // While `v` is creating, neither the source volume nor its
+        // snapshot can be deleted (`filling_from`), so the source volume's
+        // slot is held only to take the transient snapshot and to remove
+        // it: the source can be published or unpublished meanwhile (the
+        // copy reads a snapshot layer, which writes never touch).
+        let source = {
+            let _busy = self.begin(&volume)?;
+            let source = self.existing(&volume)?.value;
+            if transient {
+                check_snapshottable(&source)?;
+                self.snapshot_volume(&source, &snapshot, false).await?;
+            }
+            source
+        };
         let sources: Vec<String> = source
             .replicas
             .iter()
@@ -180,6 +186,9 @@ impl Controller {
             .into_iter()
             .collect::<Result<(), Status>>()?;
         if transient {
+            let _busy = self.begin(&volume)?;
+            // Published or unpublished since: remove it where it is now.
+            let source = self.existing(&volume)?.value;
             self.snapshot_volume(&source, &snapshot, true).await?;
         }
         Ok(())

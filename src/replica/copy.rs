@@ -275,6 +275,13 @@ async fn fill(
         .map_err(|e| format!("target set chain: {e}"))?;
     let progress = Progress::default();
     copy_layers(src, target, chain, || size, 0, &progress).await?;
+    // A source its engine began rebuilding while we read it may have
+    // served layers half rewritten: the target stays flagged, and the
+    // retry picks a source again.
+    let s_info = src.info().await.map_err(|e| format!("source info: {e}"))?;
+    if s_info.rebuilding {
+        return Err("the source began being rebuilt during the copy; retry".into());
+    }
     target
         .finish_rebuild()
         .await
