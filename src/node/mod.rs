@@ -143,11 +143,12 @@ fn serve_err(what: impl Into<String>) -> impl FnOnce(String) -> Error {
 pub struct Node {
     cfg: Config,
     instances: Instances,
-    /// Volumes with a CSI call in flight.
+    /// What has a call in flight: volume ids (CSI node calls) and
+    /// [`replica_key`]s (agent calls on one replica at rest).
     busy: Mutex<HashSet<String>>,
 }
 
-/// Holds one volume's CSI operation slot; frees it when dropped.
+/// Holds one operation slot of [`Node::busy`]; frees it when dropped.
 struct Busy<'a> {
     set: &'a Mutex<HashSet<String>>,
     key: String,
@@ -159,7 +160,7 @@ impl<'a> Busy<'a> {
     fn take(set: &'a Mutex<HashSet<String>>, key: &str) -> Result<Self, Status> {
         if !set.lock().expect("poisoned").insert(key.to_owned()) {
             return Err(Status::aborted(format!(
-                "an operation on volume {key:?} is in progress on this node; retry"
+                "an operation on {key} is in progress on this node; retry"
             )));
         }
         Ok(Self {
@@ -173,6 +174,12 @@ impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.set.lock().expect("poisoned").remove(&self.key);
     }
+}
+
+/// The operation slot of one replica on this node: a restore into it, a
+/// snapshot of it at rest and its deletion exclude each other.
+fn replica_key(volume: &str, replica: &str) -> String {
+    format!("replica {replica} of volume {volume}")
 }
 
 /// Volume sizes the agent accepts: positive multiples of 4 KiB.
@@ -251,6 +258,7 @@ impl agent::agent_server::Agent for Arc<Node> {
         r: Request<agent::DeleteReplicaRequest>,
     ) -> Result<Response<agent::DeleteReplicaResponse>, Status> {
         let r = r.into_inner();
+        let _busy = Busy::take(&self.busy, &replica_key(&r.volume_id, &r.replica_name))?;
         self.instances
             .delete_replica(&r.volume_id, &r.replica_name, &r.disk_path)
             .await
@@ -410,6 +418,7 @@ impl agent::agent_server::Agent for Arc<Node> {
     ) -> Result<Response<agent::ReplicaSnapshotResponse>, Status> {
         let r = r.into_inner();
         check_snapshot_name(&r.snapshot)?;
+        let _busy = Busy::take(&self.busy, &replica_key(&r.volume_id, &r.replica_name))?;
         self.instances
             .replica_snapshot(
                 &r.volume_id,
@@ -434,6 +443,9 @@ impl agent::agent_server::Agent for Arc<Node> {
                 "source_addresses must not be empty",
             ));
         }
+        // A second restore of the same replica (a controller that restarted
+        // and retried) must not reshape the chain under the first one.
+        let _busy = Busy::take(&self.busy, &replica_key(&r.volume_id, &r.replica_name))?;
         let copied_bytes = self
             .instances
             .restore_replica(
