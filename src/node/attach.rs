@@ -74,17 +74,41 @@ pub fn iscsi_unavailable() -> Option<String> {
     }
 }
 
+/// iscsid's control socket, the abstract unix socket `iscsiadm` talks to
+/// (and systemd's `iscsid.socket` listens on to start the daemon).
+const ISCSID_SOCKET: &[u8] = b"ISCSIADM_ABSTRACT_NAMESPACE";
+
+/// Whether something listens on [`ISCSID_SOCKET`] in this network
+/// namespace: an initiator with no iscsid can discover nothing and log in
+/// nowhere.
+fn iscsid_listening(name: &[u8]) -> bool {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(name)
+        .and_then(|a| std::os::unix::net::UnixStream::connect_addr(&a))
+        .is_ok()
+}
+
 /// The frontend this node serves volumes with: `want`, or where none is
-/// asked for, iSCSI when the kernel can log in and FUSE otherwise.
+/// asked for, iSCSI when the kernel can log in and iscsid answers, FUSE
+/// otherwise.
 pub fn choose(want: Option<Frontend>) -> Result<Frontend, String> {
-    match (want, iscsi_unavailable()) {
-        (Some(Frontend::Fuse), _) => Ok(Frontend::Fuse),
-        (Some(Frontend::Iscsi), Some(why)) => Err(why),
-        (_, None) => Ok(Frontend::Iscsi),
-        (None, Some(why)) => {
-            tracing::info!(reason = %why, "serving volumes through FUSE and loop devices");
-            Ok(Frontend::Fuse)
-        }
+    let unavailable = || {
+        iscsi_unavailable().or_else(|| {
+            (!iscsid_listening(ISCSID_SOCKET))
+                .then(|| "iscsid is not running (nothing listens on its control socket)".to_owned())
+        })
+    };
+    match want {
+        Some(Frontend::Fuse) => Ok(Frontend::Fuse),
+        // Asked for by name: iscsiadm may still start iscsid itself.
+        Some(Frontend::Iscsi) => iscsi_unavailable().map_or(Ok(Frontend::Iscsi), Err),
+        None => match unavailable() {
+            None => Ok(Frontend::Iscsi),
+            Some(why) => {
+                tracing::info!(reason = %why, "serving volumes through FUSE and loop devices");
+                Ok(Frontend::Fuse)
+            }
+        },
     }
 }
 
@@ -338,6 +362,19 @@ mod tests {
         assert!(offers(&out, IQN));
         assert!(!offers(&out, "iqn.2026-11.io.shorthorn:vol"));
         assert!(!offers("", IQN));
+    }
+
+    #[test]
+    fn iscsid_is_found_by_its_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        // A name of this test's own: the real one may be served here.
+        let name = format!("shorthorn-test-iscsid-{}", std::process::id());
+        assert!(!iscsid_listening(name.as_bytes()));
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        assert!(iscsid_listening(name.as_bytes()));
+        drop(l);
+        assert!(!iscsid_listening(name.as_bytes()));
     }
 
     #[test]
