@@ -94,6 +94,10 @@ pub struct VolumeRecord {
     /// replicas added later obey it as the first ones did.
     #[serde(default)]
     pub topology: Vec<BTreeMap<String, String>>,
+    /// For a clone: the nonce of its transient snapshot's name
+    /// ([`clone_snapshot`]).
+    #[serde(default)]
+    pub clone_nonce: u64,
 }
 
 /// A volume's initial content.
@@ -127,10 +131,12 @@ pub struct SnapshotRecord {
     pub ready: bool,
 }
 
-/// The name of the transient snapshot a clone of a volume into volume
-/// `target` is copied from. The '.' keeps it apart from every snapshot id.
-pub fn clone_snapshot(target: &str) -> String {
-    format!("clone.{target}")
+/// The name of the transient snapshot a clone into volume `target` is
+/// copied from; `nonce` is drawn when the clone's record is made, so a
+/// layer an abandoned clone of the same name left on its source is never
+/// taken for this one's. The '.' keeps it apart from every snapshot id.
+pub fn clone_snapshot(target: &str, nonce: u64) -> String {
+    format!("clone.{target}.{nonce:x}")
 }
 
 /// A node, as stored under [`NODES`].
@@ -214,6 +220,8 @@ mod tests {
         assert!(snapshot_id("Snap 1").starts_with("s-"));
         let s = snapshot_id("Snap 1");
         assert!(crate::replica::meta::validate_snapshot_name(&s).is_ok());
-        assert!(crate::replica::meta::validate_snapshot_name(&clone_snapshot(&odd)).is_ok());
+        assert!(
+            crate::replica::meta::validate_snapshot_name(&clone_snapshot(&odd, u64::MAX)).is_ok()
+        );
     }
 }

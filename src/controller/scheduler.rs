@@ -299,7 +299,7 @@ mod tests {
             node_selector in tagset(),
             excl in prop::collection::btree_set(0usize..7, 0..2),
             used_seed in prop::collection::vec(0u64..150, 21),
-            used_zones in prop::collection::btree_set(prop_oneof![Just("z1".to_owned()), Just("z2".to_owned())], 0..2),
+            used_zones in prop::collection::btree_set(prop_oneof![Just("z1".to_owned()), Just("z2".to_owned())], 0..3),
         ) {
             let req = Request {
                 size,

@@ -82,6 +82,14 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// The clock in nanoseconds: a new record for a name gets a value no
+/// earlier record of that name had.
+fn nonce() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 pub(super) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -682,6 +690,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
             source,
             retired: Vec::new(),
             topology,
+            clone_nonce: nonce(),
         };
         // The placement is recorded before any node acts on it, so a crash
         // or a failed node leaves a record a retry resumes, never replicas

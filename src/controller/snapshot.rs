@@ -103,7 +103,7 @@ impl Controller {
         let Some(ContentSource::Volume(src)) = &v.source else {
             return;
         };
-        let snapshot = super::model::clone_snapshot(&v.id);
+        let snapshot = super::model::clone_snapshot(&v.id, v.clone_nonce);
         let removed = async {
             let _busy = self.begin(src)?;
             match self.get_volume(src)? {
@@ -141,7 +141,11 @@ impl Controller {
     pub(super) async fn fill(&self, v: &VolumeRecord, src: &ContentSource) -> Result<(), Status> {
         let (volume, snapshot, transient) = match src {
             ContentSource::Snapshot(id) => (self.existing_snapshot(id)?.volume, id.clone(), false),
-            ContentSource::Volume(id) => (id.clone(), super::model::clone_snapshot(&v.id), true),
+            ContentSource::Volume(id) => (
+                id.clone(),
+                super::model::clone_snapshot(&v.id, v.clone_nonce),
+                true,
+            ),
         };
         // While `v` is creating, neither the source volume nor its
         // snapshot can be deleted (`filling_from`), so the source volume's

@@ -656,9 +656,19 @@ impl Inner {
                 let Some(inner) = inner.upgrade() else {
                     return;
                 };
-                let current = inner.slots()[i].conns.iter().any(|c| w.is(c));
-                if current {
-                    inner.fail(i, &"connection to replica lost");
+                let failed = {
+                    // Checked and failed under one lock: a slot filled
+                    // anew in between must not be failed for its
+                    // predecessor's connection.
+                    let mut slots = inner.slots();
+                    let s = &mut slots[i];
+                    let current = s.conns.iter().any(|c| w.is(c));
+                    if current {
+                        inner.fail_slot(s, &"connection to replica lost");
+                    }
+                    current
+                };
+                if failed {
                     // Record the smaller membership now rather than at the
                     // next write; errors are the next request's to report.
                     let _ = inner.settle_epoch().await;
@@ -669,8 +679,11 @@ impl Inner {
 
     /// Takes replica `i` out of the volume.
     pub(super) fn fail(&self, i: usize, e: &dyn std::fmt::Display) {
-        let mut slots = self.slots();
-        let s = &mut slots[i];
+        self.fail_slot(&mut self.slots()[i], e);
+    }
+
+    /// [`fail`](Self::fail) on a slot the caller holds locked.
+    fn fail_slot(&self, s: &mut Slot, e: &dyn std::fmt::Display) {
         if s.mode != Mode::Failed {
             tracing::error!(volume.id = %self.name, replica.addr = %s.addr, error = %e, "replica failed");
             let was_member = s.mode == Mode::ReadWrite;

@@ -161,6 +161,11 @@ fn published_elsewhere(source: &Path, target: &Path) -> Result<Option<PathBuf>, 
             m
         }
     };
+    // Published here already: a repeat is the same publication, whatever
+    // else shows it (kubelet binds a block volume's target once more).
+    if mount::mounted_at(target)?.is_some_and(|m| m.dev == anchor.dev && m.root == anchor.root) {
+        return Ok(None);
+    }
     Ok(mount::also_mounted(&anchor, &[target])?.into_iter().next())
 }
 
