@@ -207,6 +207,7 @@ pub async fn run(
             max_volumes: 0,
             state_dir: home.join("state"),
             frontend: cfg.frontend,
+            launcher: None,
         };
         let sock = home.join("csi.sock");
         node_sockets.push(sock.clone());

@@ -57,6 +57,9 @@ enum Mode {
     Controller(ControllerArgs),
     /// Serve one node: CSI Identity and Node, the agent API, its instances.
     Node(NodeArgs),
+    /// Start replica and engine processes for `shorthorn node --launcher`,
+    /// from a container of its own.
+    Launcher(LauncherArgs),
     /// Run a controller and N nodes on this machine behind one CSI socket
     /// serving Identity, Controller and Node (for trying shorthorn out and
     /// for csi-sanity). Needs root for attaching and mounting.
@@ -120,6 +123,19 @@ struct NodeArgs {
     /// file), or auto: iscsi where the kernel has an initiator.
     #[arg(long, value_enum, env = "SHORTHORN_FRONTEND", default_value = "auto")]
     frontend: NodeFrontend,
+    /// Start replicas and engines through the `shorthorn launcher` serving
+    /// this unix socket (its own container in the node pod, so that a node
+    /// plugin container restart leaves the volumes serving) instead of as
+    /// this process's children.
+    #[arg(long, env = "SHORTHORN_LAUNCHER")]
+    launcher: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
+struct LauncherArgs {
+    /// The unix socket to serve (mode 0600; a stale one is replaced).
+    #[arg(long, env = "SHORTHORN_LAUNCHER")]
+    socket: PathBuf,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -458,6 +474,7 @@ fn run(cli: Cli) -> Result<()> {
         Mode::Engine(_) => "sh-engine",
         Mode::Controller(_) => "sh-controller",
         Mode::Node(_) => "sh-node",
+        Mode::Launcher(_) => "sh-launcher",
         Mode::Dev(_) => "sh-dev",
         Mode::Csi(_) => "sh-ctl",
         Mode::ReplicaCtl(_) | Mode::EngineCtl(_) => "sh-ctl",
@@ -475,6 +492,11 @@ fn run(cli: Cli) -> Result<()> {
             Mode::EngineCtl(a) => run_engine_ctl(a).await,
             Mode::Controller(a) => run_controller(a).await,
             Mode::Node(a) => run_node(a).await,
+            Mode::Launcher(a) => {
+                let exe = std::env::current_exe().context("finding this executable")?;
+                shorthorn::node::launcher::serve(&a.socket, exe, terminated()).await?;
+                Ok(())
+            }
             Mode::Dev(a) => run_dev(a).await,
             Mode::Csi(a) => {
                 let out = csi_cli::run(a).await.map_err(remote)?;
@@ -525,6 +547,7 @@ async fn run_node(a: NodeArgs) -> Result<()> {
         max_volumes: a.max_volumes,
         state_dir: a.state_dir,
         frontend: a.frontend.choice(),
+        launcher: a.launcher,
     };
     shorthorn::node::run(cfg, &socket, terminated()).await?;
     Ok(())

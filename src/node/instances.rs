@@ -267,11 +267,11 @@ struct Supervised {
 impl Supervised {
     /// Supervises `spec`'s process: the running one `adopted`, else a new
     /// child of `exe`.
-    fn spawn(exe: &Path, spec: Arc<Mutex<Spec>>, adopted: Option<Pid>) -> Self {
+    fn spawn(starter: &Starter, spec: Arc<Mutex<Spec>>, adopted: Option<Pid>) -> Self {
         let running = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = oneshot::channel();
         let done = tokio::spawn(supervise(
-            exe.to_path_buf(),
+            starter.clone(),
             spec,
             running.clone(),
             stop_rx,
@@ -323,7 +323,7 @@ impl Instance {
 /// This node's instances.
 #[derive(Debug)]
 pub struct Instances {
-    exe: PathBuf,
+    starter: Starter,
     ip: IpAddr,
     disks: Vec<PathBuf>,
     state: PathBuf,
@@ -380,8 +380,9 @@ async fn wait_engine(control: &str, deadline: Instant) -> Result<(), String> {
     ))
 }
 
-/// A process this supervisor watches: its own child, or one adopted from
-/// a previous node plugin (not its child: it can only be polled).
+/// A process this supervisor watches: its own child, or one that is not
+/// (adopted from a previous node plugin, or started by the launcher): that
+/// one can only be polled.
 enum Live {
     Child(tokio::process::Child),
     Adopted(Pid),
@@ -473,7 +474,7 @@ fn processes_by_args() -> BTreeMap<Vec<String>, Pid> {
 /// Runs an instance's process until told to stop, restarting it when it
 /// exits on its own. `adopted` is a process already running it.
 async fn supervise(
-    exe: PathBuf,
+    starter: Starter,
     spec: Arc<Mutex<Spec>>,
     running: Arc<AtomicBool>,
     mut stop: oneshot::Receiver<()>,
@@ -484,8 +485,8 @@ async fn supervise(
         let spawned = match adopted.take() {
             Some(pid) => Ok(Live::Adopted(pid)),
             None => {
-                let mut cmd = command(&exe, &spec.lock().expect("poisoned"));
-                cmd.spawn().map(Live::Child)
+                let args = spec.lock().expect("poisoned").command_args();
+                starter.start(&args).await
             }
         };
         let mut live = match spawned {
@@ -517,15 +518,36 @@ async fn supervise(
     }
 }
 
-/// The command starting `spec` now.
-fn command(exe: &Path, spec: &Spec) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.args(spec.command_args())
-        .stdin(std::process::Stdio::null())
-        // Its own process group: a signal meant for the node plugin's
-        // group (a terminal's ^C) does not reach the volumes.
-        .process_group(0);
-    cmd
+/// How this node starts its replica and engine processes.
+#[derive(Debug, Clone)]
+pub enum Starter {
+    /// As its own children, running this executable: they outlive the node
+    /// plugin's process but not its container.
+    Fork(PathBuf),
+    /// Through a [`super::launcher`] at this socket, so they live in the
+    /// launcher's container and outlive the node plugin's.
+    Launcher(PathBuf),
+}
+
+impl Starter {
+    async fn start(&self, args: &[String]) -> Result<Live, String> {
+        match self {
+            Self::Fork(exe) => tokio::process::Command::new(exe)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                // Its own process group: a signal meant for the node
+                // plugin's group (a terminal's ^C) does not reach the
+                // volumes.
+                .process_group(0)
+                .spawn()
+                .map(Live::Child)
+                .map_err(|e| format!("starting {}: {e}", exe.display())),
+            Self::Launcher(socket) => super::launcher::launch(socket, args)
+                .await
+                .map(Live::Adopted)
+                .map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn os(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -534,18 +556,18 @@ fn os(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Instances {
-    /// An instance manager starting `exe` for replicas serving on `ip`
+    /// An instance manager starting processes with `starter` for replicas serving on `ip`
     /// over `disks`, and for engines; its records and engines' files live
     /// under `state`.
     pub fn new(
-        exe: PathBuf,
+        starter: Starter,
         ip: IpAddr,
         disks: Vec<PathBuf>,
         state: PathBuf,
         frontend: Frontend,
     ) -> Self {
         Self {
-            exe,
+            starter,
             ip,
             disks,
             state,
@@ -625,7 +647,7 @@ impl Instances {
             tracing::info!(instance = %spec.key(), adopted = pid.is_some(), "instance recovered");
             let key = spec.key();
             let spec = Arc::new(Mutex::new(spec));
-            let proc = Supervised::spawn(&self.exe, spec.clone(), pid);
+            let proc = Supervised::spawn(&self.starter, spec.clone(), pid);
             live.insert(key, Instance { spec, proc });
         }
         Ok((adopted, started))
@@ -682,7 +704,7 @@ impl Instances {
     {
         self.save(&spec)?;
         let shared = Arc::new(Mutex::new(spec.clone()));
-        let proc = Supervised::spawn(&self.exe, shared.clone(), None);
+        let proc = Supervised::spawn(&self.starter, shared.clone(), None);
         if let Err(cause) = ready(spec.addr.clone()).await {
             proc.stop().await;
             self.forget(&spec.key())?;

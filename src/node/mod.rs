@@ -14,12 +14,15 @@
 //! adopts them (a SIGTERMed one stops them and starts them again when it
 //! comes back).
 //!
-//! It starts replicas and engines as separate processes of this binary and
+//! It starts replicas and engines as separate processes of this binary
+//! (itself, or through a [`launcher`] in another container, so that they
+//! outlive the node plugin's container) and
 //! must not import `crate::controller` (enforced by `tests/layering.rs`).
 
 pub mod attach;
 pub mod csi_node;
 pub mod instances;
+pub mod launcher;
 pub mod mount;
 
 use std::collections::{HashMap, HashSet};
@@ -111,6 +114,9 @@ pub struct Config {
     /// How engines here serve volumes to the kernel; `None`: iSCSI where
     /// the kernel has an initiator, FUSE otherwise ([`attach::choose`]).
     pub frontend: Option<attach::Frontend>,
+    /// A [`launcher`] socket to start replicas and engines through;
+    /// `None`: they are this process's own children.
+    pub launcher: Option<PathBuf>,
 }
 
 /// What can stop the node from serving.
@@ -585,8 +591,12 @@ pub async fn run(
         frontend = frontend.as_str(),
         "engines serve volumes to the kernel"
     );
+    let starter = match &cfg.launcher {
+        Some(socket) => instances::Starter::Launcher(socket.clone()),
+        None => instances::Starter::Fork(exe),
+    };
     let instances = Instances::new(
-        exe,
+        starter,
         cfg.agent_listen.ip(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
         cfg.state_dir.clone(),

@@ -39,6 +39,31 @@ pub struct NodeProc {
     pub agent: String,
     /// Its command line, to start it again.
     pub args: Vec<String>,
+    /// The `shorthorn launcher` it starts processes through, if any
+    /// (stands for its own container of the node pod).
+    pub launcher: Option<Proc>,
+}
+
+/// Every process's (pid, parent pid), from `/proc/*/stat`.
+pub fn parents() -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // After the parenthesised name: state, then the parent's pid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(ppid) = ppid {
+            out.push((pid, ppid));
+        }
+    }
+    out
 }
 
 fn spawn_node(args: &[String]) -> Proc {
@@ -58,6 +83,34 @@ impl NodeProc {
         self.proc.0.kill().unwrap();
         self.proc.0.wait().unwrap();
         self.proc = spawn_node(&self.args);
+    }
+
+    /// SIGKILLs the node plugin with every process descended from it, as a
+    /// container runtime kills a restarted container's processes, and
+    /// starts it again. Returns how many descendants were killed.
+    pub fn kill_container_and_restart(&mut self) -> usize {
+        let root = self.proc.0.id();
+        let mut doomed = vec![root];
+        // Parents before children in one pass would miss grandchildren
+        // listed first, so repeat until nothing new turns up.
+        loop {
+            let before = doomed.len();
+            for (pid, ppid) in parents() {
+                if doomed.contains(&ppid) && !doomed.contains(&pid) {
+                    doomed.push(pid);
+                }
+            }
+            if doomed.len() == before {
+                break;
+            }
+        }
+        for pid in &doomed {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        self.proc.0.wait().unwrap();
+        self.proc = spawn_node(&self.args);
+        doomed.len() - 1
     }
 
     /// SIGKILLs the node plugin and every replica process on its disk, as
@@ -257,6 +310,7 @@ impl Ctl {
                         sock,
                         agent,
                         args,
+                        launcher: None,
                     });
                     return;
                 }
@@ -268,6 +322,29 @@ impl Ctl {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// [`Self::add_node`] whose replicas and engines are started by a
+    /// `shorthorn launcher` process of its own, not by the node plugin.
+    pub async fn add_node_launched(&mut self, root: &Path, i: usize, zone: &str, disk_gib: u64) {
+        let sock = root.join(format!("node-{i}-launcher.sock"));
+        let launcher = Proc(
+            Command::new(env!("CARGO_BIN_EXE_shorthorn"))
+                .args(["launcher", "--socket"])
+                .arg(&sock)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "the launcher never listened");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let sock = sock.display().to_string();
+        self.add_node_with(root, i, zone, disk_gib, &["--launcher", &sock])
+            .await;
+        self.nodes.last_mut().unwrap().launcher = Some(launcher);
     }
 
     /// Three nodes in zones z1..z3 with `disk_gib` GiB disks.

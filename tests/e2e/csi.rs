@@ -241,7 +241,13 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_another_node() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cluster(dir.path()).await;
+    require_root();
+    // node-0, where the volume is first attached, starts its processes
+    // through a launcher, as it does in its pod.
+    let mut c = connect(dir.path()).await;
+    c.add_node_launched(dir.path(), 0, "z1", 10).await;
+    c.add_node(dir.path(), 1, "z2", 10).await;
+    c.add_node(dir.path(), 2, "z3", 10).await;
     let vol = "pvc-life";
     c.controller()
         .create_volume(create_req(vol, (256 * MIB) as i64, &[("fsType", "ext4")]))
@@ -341,10 +347,28 @@ async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_anoth
     let cond = stats.volume_condition.unwrap();
     assert!(!cond.abnormal, "{cond:?}");
 
-    // The node plugin is SIGKILLed: the volume keeps serving; started
-    // again, the node adopts its engine and replica, and restarts the
-    // replica when it dies.
-    c.nodes[0].kill_and_restart();
+    // The node plugin's container is restarted: the plugin and every
+    // process descended from it are SIGKILLed. Its engine and replica are
+    // the launcher's children, so the volume keeps serving; started again,
+    // the node adopts them, and restarts the replica when it dies.
+    let launcher = c.nodes[0].launcher.as_ref().unwrap().0.id();
+    let launched: Vec<u32> = super::cluster::csi::parents()
+        .into_iter()
+        .filter(|(_, ppid)| *ppid == launcher)
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(
+        launched.len(),
+        2,
+        "the engine and the replica are the launcher's"
+    );
+    c.nodes[0].kill_container_and_restart();
+    for pid in &launched {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "launched process {pid} outlives the node plugin's container"
+        );
+    }
     let more = pattern(8, 64 * 1024);
     write_file(&p.target.join("more.bin"), &more);
     let listed = instances(&c, 0).await;
