@@ -14,8 +14,8 @@ use bytes::Bytes;
 use shorthorn::engine::{Options, Volume};
 
 use super::{
-    async_random, async_seq, cpu_seconds, file_random, file_seq, fill, median, BoxError, Opts,
-    ReplicaProc, Report, Rng, Scratch, GIB, MIB, MIB_BYTES,
+    async_random, async_seq, cpu_seconds, file_random, file_seq, fill, machine_ticks, median,
+    BoxError, Opts, ReplicaProc, Report, Rng, Scratch, GIB, MIB, MIB_BYTES,
 };
 
 /// Configurations, in the order they run and print.
@@ -73,12 +73,18 @@ pub(crate) fn bench_engine(o: &Opts) -> Result<(), BoxError> {
     for (key, sample) in [
         ("r1_engine_cpu_us_per_io", "r1_engine_cpu_us_per_io"),
         ("engine_cpu_us_per_io", "r3_engine_cpu_us_per_io"),
+        ("r1_replicas_cpu_us_per_io", "r1_replicas_cpu_us_per_io"),
+        ("r3_replicas_cpu_us_per_io", "r3_replicas_cpu_us_per_io"),
     ] {
         rep.add(
             key,
             median(samples.remove(sample).unwrap_or_default()),
             "us",
         );
+    }
+    for cfg in ["r1", "r3"] {
+        let key = format!("{cfg}_machine_busy_pct");
+        rep.add(&key, median(samples.remove(&key).unwrap_or_default()), "%");
     }
     print_engine(o, &rep);
     Ok(())
@@ -158,13 +164,21 @@ async fn run_volume(
     }
     let v = Volume::open_with("bench", 1 << 40, &addrs, Options::default()).await?;
     let me = std::process::id();
-    let cpu0 = cpu_seconds(me)?;
+    let replicas_cpu =
+        || -> Result<f64, BoxError> { procs.iter().map(|p| cpu_seconds(p.pid())).sum() };
+    let (cpu0, rcpu0, (busy0, total0)) = (cpu_seconds(me)?, replicas_cpu()?, machine_ticks()?);
     let mut out = vec![(
         "randwrite_4k_qd16_iops",
         vol_random(&v, 0, region, rand_ops, true).await?,
     )];
-    let cpu_us = (cpu_seconds(me)? - cpu0) * 1e6 / rand_ops as f64;
-    out.push(("engine_cpu_us_per_io", cpu_us));
+    let per_io = |secs: f64| secs * 1e6 / rand_ops as f64;
+    out.push(("engine_cpu_us_per_io", per_io(cpu_seconds(me)? - cpu0)));
+    out.push(("replicas_cpu_us_per_io", per_io(replicas_cpu()? - rcpu0)));
+    let (busy1, total1) = machine_ticks()?;
+    out.push((
+        "machine_busy_pct",
+        100.0 * (busy1 - busy0) as f64 / (total1 - total0).max(1) as f64,
+    ));
     v.flush().await?;
     let mut lat = Vec::with_capacity(QD1_OPS);
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -266,6 +280,17 @@ fn print_engine(o: &Opts, rep: &Report) {
         "engine CPU per 4 KiB write at QD16 (this process: engine + load generator): r1 {:.1} us, r3 {:.1} us",
         rep.get("r1_engine_cpu_us_per_io"),
         rep.get("engine_cpu_us_per_io")
+    );
+    println!(
+        "replica processes' CPU per 4 KiB write at QD16 (all replicas): r1 {:.1} us, r3 {:.1} us",
+        rep.get("r1_replicas_cpu_us_per_io"),
+        rep.get("r3_replicas_cpu_us_per_io")
+    );
+    println!(
+        "machine CPU busy during that phase ({} cores): r1 {:.0}%, r3 {:.0}%",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rep.get("r1_machine_busy_pct"),
+        rep.get("r3_machine_busy_pct")
     );
     println!(
         "4 KiB randwrite QD16, r3/r1: {ratio:.2} ({} target >= 0.60)",

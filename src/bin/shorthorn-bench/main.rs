@@ -399,6 +399,21 @@ fn cpu_seconds(pid: u32) -> Result<f64, BoxError> {
     Ok(ticks / hz)
 }
 
+/// Busy and total CPU ticks of the whole machine so far, from `/proc/stat`
+/// (busy: everything but idle and iowait).
+fn machine_ticks() -> Result<(u64, u64), BoxError> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().ok_or("empty /proc/stat")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
 /// Writes back everything dirty on both sides (untimed).
 fn settle(f: &std::fs::File, rt: &tokio::runtime::Runtime, c: &Client) -> Result<(), BoxError> {
     f.sync_all()?;
@@ -500,6 +515,10 @@ fn file_seq(f: &Arc<std::fs::File>, total: u64) -> Result<f64, BoxError> {
 struct ReplicaProc(Child);
 
 impl ReplicaProc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     fn start(bin: &Path, dir: &Path, addr: &str) -> Result<Self, BoxError> {
         let child = Command::new(bin)
             .args(["replica", "--size", "1Ti", "--listen", addr, "--dir"])
