@@ -421,8 +421,20 @@ impl Controller {
     /// Asks each replica's node to create it, fills them from the
     /// volume's source if it has one, records where they serve, and marks
     /// the volume detached (ready). Any failure leaves the volume
-    /// `Creating` for a retry to resume.
-    async fn realize(&self, mut v: VolumeRecord, version: u64) -> Result<VolumeRecord, Status> {
+    /// `Creating` for a retry to resume, and is answered with a code the
+    /// CO treats as "still in progress" ([`resumable`]).
+    async fn realize(&self, v: VolumeRecord, version: u64) -> Result<VolumeRecord, Status> {
+        let id = v.id.clone();
+        self.realize_steps(v, version)
+            .await
+            .map_err(|e| resumable(&id, &e))
+    }
+
+    async fn realize_steps(
+        &self,
+        mut v: VolumeRecord,
+        version: u64,
+    ) -> Result<VolumeRecord, Status> {
         let creations = v
             .replicas
             .iter()
@@ -1379,6 +1391,28 @@ const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 
 /// An agent's refusal or failure, naming the node; its code passes
 /// through (a node's INVALID_ARGUMENT is still the caller's).
+/// A failure of a CreateVolume whose record already exists, as a code the
+/// CO counts as not final (external-provisioner: CANCELLED,
+/// DEADLINE_EXCEEDED, UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED). With a
+/// final code it would take the volume for never created and, once the
+/// claim is gone, never call again: the record, its replicas and any hold
+/// on its source (a clone's) would be left behind for good. Kept in
+/// progress, the CO retries until the create finishes, and deletes the
+/// volume then if the claim went away.
+fn resumable(volume: &str, e: &Status) -> Status {
+    match e.code() {
+        Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::Aborted => e.clone(),
+        _ => Status::unavailable(format!(
+            "volume {volume} is still being created (a retry resumes it): {}",
+            e.message()
+        )),
+    }
+}
+
 pub(super) fn agent_failed(node: &str, e: &Status) -> Status {
     Status::new(e.code(), format!("node {node}: {}", e.message()))
 }

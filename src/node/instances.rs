@@ -998,9 +998,12 @@ impl Instances {
         let target = self.replica_client(volume, name, &what).await?;
         let r = copy::restore(sources, &target, snapshot).await;
         target.shutdown();
+        // Why a copy fails (no current source reachable, a source being
+        // rebuilt, a connection lost) passes; the target stays flagged
+        // rebuilding and a retry resumes it.
         let copied = r.map_err(|cause| Error::Refused {
             what: what.clone(),
-            kind: crate::error::ErrorKind::FailedPrecondition,
+            kind: crate::error::ErrorKind::Unavailable,
             cause,
         })?;
         tracing::info!(volume.id = %volume, replica = %name, snapshot, copied_bytes = copied, "replica restored");

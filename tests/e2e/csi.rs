@@ -1762,9 +1762,12 @@ async fn a_restore_killed_mid_copy_is_finished_by_the_retry_never_served_half_do
     c.nodes[1].restart_armed("copy.chunk-copied");
     c.nodes[1].agent().await;
     let copy = "pvc-kill-copy";
-    create_from(&c, copy, 0, 0, from_snapshot(&s.snapshot_id))
+    let e = create_from(&c, copy, 0, 0, from_snapshot(&s.snapshot_id))
         .await
         .unwrap_err();
+    // Not a final code: the CO keeps calling until the volume it began
+    // is finished (or, its claim gone, finished and deleted).
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(c.nodes[1].exited(), "node-1 did not reach the failpoint");
     // Half restored: still creating, so it cannot be published.
     let rec = c.record(copy).await;
