@@ -5,7 +5,9 @@
 //! - one the engine has failed, or does not know (an engine restarted
 //!   from its original command line), is added back: a replica process its
 //!   node restarted, or a node back from a partition, rejoins, and the
-//!   engine rebuilds only the extents that differ;
+//!   engine rebuilds only the extents that differ; one taken back
+//!   `MAX_REJOINS` times without ever becoming read-write again (its
+//!   rebuilds keep failing) is not taken back again, and counts as away;
 //! - one that stays unreachable is marked with the time it was first
 //!   found so (`failed_since`, in the record, so a controller restart does
 //!   not reset the clock); after the volume's `staleReplicaTimeout` it is
@@ -29,7 +31,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tonic::Status;
 
-use super::model::{ReplicaRecord, VolumeRecord, VolumeState, VOLUMES, ZONE_KEY};
+use super::model::{ReplicaRecord, VolumeRecord, VolumeState, MAX_REJOINS, VOLUMES, ZONE_KEY};
 use super::params::DataLocality;
 use super::service::{allowed_nodes, now, Controller};
 use crate::api::agent;
@@ -76,9 +78,15 @@ const CHECKS_AT_ONCE: usize = 16;
 /// What became of one replica of the record in this round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
-    /// The engine has it (read-write or rebuilding), or took it back now.
+    /// The engine has it read-write.
+    Current,
+    /// The engine has it and is rebuilding it, or has it queued for that.
     Serving,
-    /// Failed or unknown to the engine, and not reachable.
+    /// Failed (or unknown to the engine) and taken back now: a rebuild
+    /// starts.
+    Rejoined,
+    /// Failed or unknown to the engine, and not reachable, or failed too
+    /// often to be taken back again.
     Away,
 }
 
@@ -121,8 +129,17 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
             continue;
         };
         let known = st.replicas.iter().find(|r| r.address == addr);
+        if known.is_some_and(|r| r.mode == "read_write") {
+            seen.push(Seen::Current);
+            continue;
+        }
         if known.is_some_and(|r| r.mode != "failed") {
             seen.push(Seen::Serving);
+            continue;
+        }
+        if rep.rejoins >= MAX_REJOINS {
+            tracing::debug!(volume.id = %id, replica.addr = %addr, rejoins = rep.rejoins, "replica failed every rebuild; left out until replaced");
+            seen.push(Seen::Away);
             continue;
         }
         let added = a
@@ -133,8 +150,8 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
             .await;
         match added {
             Ok(_) => {
-                tracing::info!(volume.id = %id, replica.addr = %addr, "replica serves again; rebuilding it");
-                seen.push(Seen::Serving);
+                tracing::info!(volume.id = %id, replica.addr = %addr, rejoins = rep.rejoins + 1, "replica serves again; rebuilding it");
+                seen.push(Seen::Rejoined);
             }
             // The replica answered the engine's probe, but another one is
             // being rebuilt: it is not away, only waiting its turn.
@@ -175,11 +192,17 @@ async fn check(ctl: &Controller, id: &str, node: &str) -> Result<(), Status> {
     let mut stale = Vec::new();
     for (i, (rep, s)) in v.replicas.iter_mut().zip(&seen).enumerate() {
         let since = match s {
-            Seen::Serving => None,
+            Seen::Current | Seen::Serving | Seen::Rejoined => None,
             Seen::Away => Some(rep.failed_since.unwrap_or(t)),
         };
-        if since != rep.failed_since {
+        let rejoins = match s {
+            Seen::Current => 0,
+            Seen::Rejoined => rep.rejoins.saturating_add(1),
+            Seen::Serving | Seen::Away => rep.rejoins,
+        };
+        if since != rep.failed_since || rejoins != rep.rejoins {
             rep.failed_since = since;
+            rep.rejoins = rejoins;
             changed = true;
         }
         if any_rw && since.is_some_and(|f| t.saturating_sub(f) >= timeout) {
@@ -388,6 +411,7 @@ async fn grow(
         disk: p.disk,
         address: None,
         failed_since: None,
+        rejoins: 0,
     };
     let (i, old) = match swap {
         Some(i) => {

@@ -61,7 +61,17 @@ pub struct ReplicaRecord {
     /// replaced on another node.
     #[serde(default)]
     pub failed_since: Option<u64>,
+    /// Times the engine took it back after it failed, since it last served
+    /// read-write: a replica whose rebuild keeps failing (a bad disk, a
+    /// process that dies on every write) stops being taken back after
+    /// [`MAX_REJOINS`], so it counts as away and is replaced.
+    #[serde(default)]
+    pub rejoins: u32,
 }
+
+/// Rebuilds a failed replica may start without finishing before it is
+/// left out and, after `staleReplicaTimeout`, replaced.
+pub const MAX_REJOINS: u32 = 5;
 
 /// A volume, as stored under [`VOLUMES`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -689,6 +689,7 @@ impl csi::controller_server::Controller for Arc<Controller> {
                 disk: p.disk,
                 address: None,
                 failed_since: None,
+                rejoins: 0,
             })
             .collect::<Vec<_>>();
         let v = VolumeRecord {

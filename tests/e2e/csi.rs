@@ -1514,6 +1514,75 @@ async fn snapshots_restore_and_clone_carry_files_into_new_volumes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_rebuilds_keep_failing_is_replaced_on_another_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    c.add_node(dir.path(), 3, "z1", 10).await;
+    let vol = "pvc-flaky";
+    let req = create_req(vol, (128 * MIB) as i64, &[("staleReplicaTimeout", "2s")]);
+    c.controller().create_volume(req).await.unwrap();
+    let rec = c.record(vol).await;
+    let holders: Vec<usize> = rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
+        .collect();
+    let (engine_node, victim) = (holders[0], holders[1]);
+    let spare = (0..4).find(|n| !holders.contains(n)).unwrap();
+    let p = mount_on(&c, dir.path(), vol, engine_node, "ext4").await;
+    let keep = pattern(9, 4 * MIB as usize);
+    write_file(&p.target.join("keep"), &keep);
+    healthy(&mut c, vol, engine_node).await;
+
+    // Every replica process the victim's node starts from now on dies at
+    // its first write (its running one is adopted, unarmed, then killed):
+    // the node answers, the replica comes back each time and is taken
+    // back, and every rebuild fails. It must not be taken back forever.
+    c.nodes[victim].restart_armed("write.data-written");
+    c.nodes[victim].agent().await;
+    let pattern_arg = format!("{}/replicas/{vol}-", c.nodes[victim].disk.display());
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern_arg])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut n = 0u8;
+    let mut most_rejoins = 0;
+    let rec = loop {
+        // Writes go on, so each rebuild reaches the replica's first write.
+        n = n.wrapping_add(1);
+        write_file(&p.target.join("during"), &pattern(n, 256 * 1024));
+        let r = c.record(vol).await;
+        let reps = r["replicas"].as_array().unwrap();
+        let on = |node: usize| reps.iter().find(|x| x["node"] == format!("node-{node}"));
+        if let Some(v) = on(victim) {
+            most_rejoins = most_rejoins.max(v["rejoins"].as_u64().unwrap());
+        }
+        if on(spare).is_some() {
+            assert!(on(victim).is_none(), "{r}");
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never replaced: {r}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        most_rejoins, 5,
+        "taken back as often as allowed, then left out: {rec}"
+    );
+    healthy(&mut c, vol, engine_node).await;
+    assert_eq!(std::fs::read(p.target.join("keep")).unwrap(), keep);
+    assert_eq!(
+        std::fs::read(p.target.join("during")).unwrap(),
+        pattern(n, 256 * 1024)
+    );
+    assert_replicas_identical(&c.record(vol).await).await;
+    tear_down(&c, vol, engine_node, &p, &[&p.target]).await;
+    delete_volume(&c, vol).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(dir.path()).await;
