@@ -1522,12 +1522,7 @@ async fn a_replica_whose_rebuilds_keep_failing_is_replaced_on_another_node() {
     let req = create_req(vol, (128 * MIB) as i64, &[("staleReplicaTimeout", "2s")]);
     c.controller().create_volume(req).await.unwrap();
     let rec = c.record(vol).await;
-    let holders: Vec<usize> = rec["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
-        .collect();
+    let holders: Vec<usize> = replica_nodes(&rec);
     let (engine_node, victim) = (holders[0], holders[1]);
     let spare = (0..4).find(|n| !holders.contains(n)).unwrap();
     let p = mount_on(&c, dir.path(), vol, engine_node, "ext4").await;
@@ -1604,12 +1599,7 @@ async fn a_replica_away_past_its_stale_timeout_is_replaced_on_another_node() {
     });
     c.controller().create_volume(req).await.unwrap();
     let rec = c.record(vol).await;
-    let holders: Vec<usize> = rec["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
-        .collect();
+    let holders: Vec<usize> = replica_nodes(&rec);
     let (engine_node, victim) = (holders[0], holders[1]);
     assert!(!holders.contains(&4), "outside the topology: {rec}");
     let spare = (0..4).find(|n| !holders.contains(n)).unwrap();
@@ -1705,16 +1695,21 @@ async fn modify(c: &Ctl, vol: &str, params: &[(&str, &str)]) -> Result<(), tonic
 /// Waits until `vol`'s record holds replicas on exactly `nodes` and no
 /// retired ones, with its engine on `engine` serving them all read-write;
 /// then checks every replica holds the same bytes.
+/// The node numbers (`node-N`) holding `rec`'s replicas, in record order.
+fn replica_nodes(rec: &serde_json::Value) -> Vec<usize> {
+    rec["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
+        .collect()
+}
+
 async fn settle(c: &mut Ctl, vol: &str, engine: usize, nodes: impl Fn(&[usize]) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let rec = loop {
         let r = c.record(vol).await;
-        let on: Vec<usize> = r["replicas"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["node"].as_str().unwrap()[5..].parse().unwrap())
-            .collect();
+        let on: Vec<usize> = replica_nodes(&r);
         if nodes(&on) && r["retired"].as_array().is_none_or(Vec::is_empty) {
             break r;
         }
@@ -1756,12 +1751,7 @@ async fn modify_volume_changes_a_live_volumes_replica_count_and_locality() {
         ))
         .await
         .unwrap();
-    let holders: Vec<usize> = c.record(vol).await["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["node"].as_str().unwrap()[5..].parse().unwrap())
-        .collect();
+    let holders: Vec<usize> = replica_nodes(&c.record(vol).await);
     // The engine runs where no replica is.
     let engine = (0..4).find(|n| !holders.contains(n)).unwrap();
     let p = mount_on(&c, dir.path(), vol, engine, "ext4").await;
