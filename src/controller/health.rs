@@ -19,7 +19,8 @@
 //!
 //! The engine is asked without holding the volume's operation slot, so a
 //! CSI call is never turned away (ABORTED) because of a routine check; the
-//! slot is held to record a changed state and while a replica is replaced.
+//! slot is held to record a changed state, while a replica is replaced, and
+//! while a retired replica is deleted (its node already connected).
 
 // The helpers answer with tonic's Status, like the service they share.
 #![allow(clippy::result_large_err)]
@@ -457,31 +458,50 @@ async fn grow(
 /// Deletes the volume's retired replicas whose nodes answer, and forgets
 /// them.
 async fn delete_retired(ctl: &Controller, id: &str, retired: &[ReplicaRecord]) {
-    let mut gone = Vec::new();
     for rep in retired {
-        match ctl.delete_replica(id, rep).await {
-            Ok(()) => {
-                tracing::info!(volume.id = %id, replica = %rep.name, node.id = %rep.node, "replaced replica deleted");
-                gone.push(rep.name.clone());
-            }
+        // Connected first, without the volume's slot: a node that is down
+        // costs its connect timeout here, not CSI calls turned away.
+        let agent = match ctl.agent_for(&rep.node, RETIRED_DELETE_TIMEOUT).await {
+            Ok(a) => a,
             Err(e) => {
-                tracing::debug!(volume.id = %id, replica = %rep.name, error = %e.message(), "replaced replica not deleted yet");
+                tracing::debug!(volume.id = %id, replica = %rep.name, error = %e.message(), "replaced replica's node not reachable yet");
+                continue;
             }
+        };
+        // Under the slot, and only if the current record still lists it as
+        // retired: the list came from a read made before, and since then
+        // the volume may have been deleted and created again under the same
+        // id, with a replica of the same name in the same directory.
+        let Ok(_busy) = ctl.begin(id) else { return };
+        let Ok(Some(cur)) = VOLUMES.get(&*ctl.store, id) else {
+            return;
+        };
+        if !cur.value.retired.contains(rep) {
+            continue;
+        }
+        let deleted = agent
+            .clone()
+            .delete_replica(agent::DeleteReplicaRequest {
+                volume_id: id.to_owned(),
+                replica_name: rep.name.clone(),
+                disk_path: rep.disk.clone(),
+            })
+            .await;
+        if let Err(e) = deleted {
+            tracing::debug!(volume.id = %id, replica = %rep.name, error = %e.message(), "replaced replica not deleted yet");
+            continue;
+        }
+        tracing::info!(volume.id = %id, replica = %rep.name, node.id = %rep.node, "replaced replica deleted");
+        let mut v = cur.value;
+        v.retired.retain(|r| r != rep);
+        if let Err(e) = ctl
+            .store
+            .commit(vec![VOLUMES.put(id, &v, Expect::Version(cur.version))])
+        {
+            tracing::debug!(volume.id = %id, error = %e, "retired replicas recorded next round");
         }
     }
-    if gone.is_empty() {
-        return;
-    }
-    let Ok(_busy) = ctl.begin(id) else { return };
-    let Ok(Some(cur)) = VOLUMES.get(&*ctl.store, id) else {
-        return;
-    };
-    let mut v = cur.value;
-    v.retired.retain(|r| !gone.contains(&r.name));
-    if let Err(e) = ctl
-        .store
-        .commit(vec![VOLUMES.put(id, &v, Expect::Version(cur.version))])
-    {
-        tracing::debug!(volume.id = %id, error = %e, "retired replicas recorded next round");
-    }
 }
+
+/// How long deleting one retired replica may hold its volume's slot.
+const RETIRED_DELETE_TIMEOUT: Duration = Duration::from_secs(10);
