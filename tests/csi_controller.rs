@@ -151,6 +151,30 @@ async fn create_schedules_on_distinct_nodes_and_is_idempotent() {
         rec["replicas"][0]["node"], "node-1",
         "z2 is node-1's: {rec}"
     );
+    // Preferred alone is a wish: one replica goes where it asks, three
+    // go to three nodes although z1 has one, and the volume is not held
+    // to z1 afterwards.
+    let prefer = |zone: &str| csi::TopologyRequirement {
+        requisite: Vec::new(),
+        preferred: on(&[("topology.kubernetes.io/zone", zone)]).requisite,
+    };
+    let mut req = create_req("pvc-prefers", 1 << 20, &[("numberOfReplicas", "1")]);
+    req.accessibility_requirements = Some(prefer("z3"));
+    ctl.create_volume(req).await.unwrap();
+    let rec = c.record("pvc-prefers").await;
+    assert_eq!(
+        rec["replicas"][0]["node"], "node-2",
+        "z3 is node-2's: {rec}"
+    );
+    let mut req = create_req("pvc-prefers-3", 1 << 20, &[]);
+    req.accessibility_requirements = Some(prefer("z1"));
+    ctl.create_volume(req).await.unwrap();
+    let rec = c.record("pvc-prefers-3").await;
+    assert_eq!(rec["replicas"].as_array().unwrap().len(), 3, "{rec}");
+    assert!(
+        rec["topology"].as_array().is_none_or(Vec::is_empty),
+        "{rec}"
+    );
 
     // Delete is idempotent, and the name is free again afterwards.
     for _ in 0..2 {

@@ -251,6 +251,13 @@ fn placement_topology(req: Option<&csi::TopologyRequirement>) -> Vec<BTreeMap<St
     topology
 }
 
+/// Whether `r` names preferred topologies and no requisite ones.
+fn only_preferred(r: &csi::CreateVolumeRequest) -> bool {
+    r.accessibility_requirements
+        .as_ref()
+        .is_some_and(|t| t.requisite.is_empty() && !t.preferred.is_empty())
+}
+
 /// Whether node `n` reports every segment of `t` with the same value.
 fn in_topology(n: &NodeRecord, t: &BTreeMap<String, String>) -> bool {
     t.iter()
@@ -676,11 +683,22 @@ impl csi::controller_server::Controller for Arc<Controller> {
             None => size,
         };
         let nodes = self.nodes()?;
-        let topology = placement_topology(r.accessibility_requirements.as_ref());
+        let mut topology = placement_topology(r.accessibility_requirements.as_ref());
         let allowed = allowed_nodes(&topology, &nodes);
-        let req = Controller::scheduler_request(&params, size, allowed);
-        let replicas = self
-            .place(&req, &nodes)?
+        let placed = match self.place(
+            &Controller::scheduler_request(&params, size, allowed),
+            &nodes,
+        ) {
+            // Only preferred topologies: a wish, not a limit. Where they
+            // cannot hold the replicas, any node may, and the volume
+            // records no topology to keep its replacements to.
+            Err(e) if e.code() == Code::ResourceExhausted && only_preferred(&r) => {
+                topology = Vec::new();
+                self.place(&Controller::scheduler_request(&params, size, None), &nodes)?
+            }
+            placed => placed?,
+        };
+        let replicas = placed
             .into_iter()
             .enumerate()
             .map(|(i, p)| ReplicaRecord {
