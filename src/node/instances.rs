@@ -298,6 +298,14 @@ impl Supervised {
             let _ = d.await;
         }
     }
+
+    /// Stops watching the process and leaves it running.
+    async fn abandon(mut self) {
+        if let Some(d) = self.done.take() {
+            d.abort();
+            let _ = d.await;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -819,11 +827,20 @@ impl Instances {
             .collect()
     }
 
-    /// Stops every process (the node is shutting down): engines first, so
-    /// each flushes to replicas that still run. The records stay, so the
-    /// node starts them again when it comes back.
+    /// The node is shutting down. Processes it started itself are stopped:
+    /// engines first, so each flushes to replicas that still run. The
+    /// records stay, so the node starts them again when it comes back.
+    /// Processes a launcher started are left running, adopted again when
+    /// the node plugin is back: its container is being restarted (a
+    /// liveness failure, a crash), and they are the launcher's to stop
+    /// when the pod goes.
     pub async fn stop_all(&self) {
         let all = std::mem::take(&mut *self.live.lock().expect("poisoned"));
+        if let Starter::Launcher(socket) = &self.starter {
+            tracing::info!(instances = all.len(), launcher = %socket.display(), "leaving instances running in the launcher");
+            futures_util::future::join_all(all.into_values().map(|i| i.proc.abandon())).await;
+            return;
+        }
         let (engines, replicas): (Vec<_>, Vec<_>) = all
             .into_values()
             .partition(|i| i.spec().kind == Kind::Engine);

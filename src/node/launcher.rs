@@ -10,7 +10,10 @@
 //! is rarely restarted, the launcher forks them into its own container
 //! instead; the node plugin supervises them by PID (the pod shares one PID
 //! namespace) exactly as it supervises processes it adopted after a
-//! restart, and finds them again by command line when it comes back.
+//! restart, and finds them again by command line when it comes back. A
+//! node plugin stopping with SIGTERM (its container restarted) leaves them
+//! running; the launcher stops them, engines first, when it is stopped
+//! itself (its pod going away, which would kill them anyway).
 //!
 //! Protocol, over a unix socket that only the launcher's own user may use:
 //! one request per connection, a JSON line `{"args": [...]}` whose first
@@ -20,9 +23,12 @@
 //!
 //! Must not import `crate::controller` (enforced by `tests/layering.rs`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -74,14 +80,25 @@ struct LaunchAnswer {
     error: Option<String>,
 }
 
+/// How long processes get to exit on SIGTERM when the launcher stops,
+/// before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The processes this launcher started and that have not exited, by PID,
+/// with their mode.
+type Children = Arc<Mutex<HashMap<i32, String>>>;
+
 /// Serves launch requests on `socket`, starting `exe` with the requested
-/// arguments, until `shutdown` resolves. Processes it started keep running
-/// after it stops: they are the volumes.
+/// arguments, until `shutdown` resolves; then stops what it started,
+/// engines first (each flushes to replicas still running), then replicas.
+/// The launcher stops when its pod goes away, which would kill them
+/// anyway: this lets them end cleanly.
 pub async fn serve(
     socket: &Path,
     exe: PathBuf,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
+    let children = Children::default();
     let listen_err = |cause| Error::Listen {
         path: socket.display().to_string(),
         cause,
@@ -103,8 +120,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let exe = exe.clone();
+                    let children = Arc::clone(&children);
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &exe).await {
+                        if let Err(e) = answer(stream, &exe, &children).await {
                             tracing::warn!(error = %e, "launch request failed");
                         }
                     });
@@ -117,11 +135,48 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(socket);
+    for mode in ["engine", "replica"] {
+        stop_children(&children, mode).await;
+    }
     Ok(())
 }
 
+/// SIGTERMs every child in `mode` and waits until they are gone, SIGKILLing
+/// those still there after [`STOP_GRACE`].
+async fn stop_children(children: &Children, mode: &str) {
+    let of_mode = || -> Vec<Pid> {
+        lock(children)
+            .iter()
+            .filter(|(_, m)| m.as_str() == mode)
+            .map(|(pid, _)| Pid::from_raw(*pid))
+            .collect()
+    };
+    let pids = of_mode();
+    if pids.is_empty() {
+        return;
+    }
+    tracing::info!(count = pids.len(), mode, "stopping");
+    for pid in &pids {
+        let _ = kill(*pid, Signal::SIGTERM);
+    }
+    let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    while !of_mode().is_empty() {
+        if tokio::time::Instant::now() >= deadline {
+            for pid in of_mode() {
+                tracing::warn!(pid = pid.as_raw(), mode, "did not stop in time; killing");
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lock(c: &Children) -> std::sync::MutexGuard<'_, HashMap<i32, String>> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Reads one request from `stream`, starts it, answers.
-async fn answer(stream: UnixStream, exe: &Path) -> std::io::Result<()> {
+async fn answer(stream: UnixStream, exe: &Path, children: &Children) -> std::io::Result<()> {
     // The socket's mode already keeps other users out; checking the peer
     // also covers a socket directory shared more widely than intended.
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -133,7 +188,7 @@ async fn answer(stream: UnixStream, exe: &Path) -> std::io::Result<()> {
         let mut rd = BufReader::new(rd).take(MAX_REQUEST);
         rd.read_line(&mut line).await?;
         match serde_json::from_str::<LaunchRequest>(&line) {
-            Ok(req) => start(exe, &req.args),
+            Ok(req) => start(exe, &req.args, children),
             Err(e) => Err(format!("undecodable request: {e}")),
         }
     } else {
@@ -154,8 +209,9 @@ async fn answer(stream: UnixStream, exe: &Path) -> std::io::Result<()> {
     wr.write_all(&out).await
 }
 
-/// Starts `exe args` in its own process group and reaps it when it exits.
-fn start(exe: &Path, args: &[String]) -> Result<i32, String> {
+/// Starts `exe args` in its own process group, keeps it in `children`
+/// until it exits, and reaps it then.
+fn start(exe: &Path, args: &[String], children: &Children) -> Result<i32, String> {
     let mode = args.first().map(String::as_str).unwrap_or_default();
     if !MODES.contains(&mode) {
         return Err(format!(
@@ -173,8 +229,11 @@ fn start(exe: &Path, args: &[String]) -> Result<i32, String> {
         .and_then(|p| i32::try_from(p).ok())
         .ok_or("the process exited at once")?;
     tracing::info!(pid, ?args, "started");
+    lock(children).insert(pid, mode.to_owned());
+    let children = Arc::clone(children);
     tokio::spawn(async move {
         let status = child.wait().await;
+        lock(&children).remove(&pid);
         tracing::info!(pid, ?status, "exited");
     });
     Ok(pid)
@@ -226,9 +285,9 @@ mod tests {
 
     /// A launcher whose "own executable" is a script that sleeps: it
     /// starts the two modes, refuses anything else without starting a
-    /// thing, and what it started lives on after it stops.
+    /// thing, and stops what it started when it stops.
     #[tokio::test]
-    async fn starts_only_its_own_modes_and_leaves_them_running() {
+    async fn starts_only_its_own_modes_and_stops_them_when_it_stops() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("launcher.sock");
         let exe = dir.path().join("fake-shorthorn");
@@ -297,14 +356,14 @@ mod tests {
             "engine --volume v\n"
         );
 
+        assert!(kill(pid, None).is_ok(), "running");
         stop_tx.send(()).unwrap();
         server.await.unwrap().unwrap();
         assert!(!sock.exists(), "socket removed on stop");
         assert!(
-            nix::sys::signal::kill(pid, None).is_ok(),
-            "what it started outlives the launcher"
+            kill(pid, None).is_err(),
+            "what it started is stopped (and reaped) before it returns"
         );
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let e = launch(&sock, &["engine".into()]).await.unwrap_err();
         assert!(matches!(e, Error::Call { .. }), "{e}");
     }

@@ -11,8 +11,8 @@
 //! kernel has one, otherwise through its FUSE file and a loop device; then
 //! formatted when blank, mounted, bind-published and grown. A node plugin
 //! that is killed leaves its instances serving; when it starts again it
-//! adopts them (a SIGTERMed one stops them and starts them again when it
-//! comes back).
+//! adopts them. A SIGTERMed one stops those it started itself and starts
+//! them again when it comes back; those a launcher started stay running.
 //!
 //! It starts replicas and engines as separate processes of this binary
 //! (itself, or through a [`launcher`] in another container, so that they

@@ -113,6 +113,14 @@ impl NodeProc {
         doomed.len() - 1
     }
 
+    /// Stops the node plugin with SIGTERM, as a container restart begins,
+    /// waits until it has exited, and starts it again.
+    pub fn term_and_restart(&mut self) {
+        terminate(&mut self.proc);
+        assert!(self.exited(), "node plugin still running after SIGTERM");
+        self.proc = spawn_node(&self.args);
+    }
+
     /// SIGKILLs the node plugin and every replica process on its disk, as
     /// a node that loses power would stop (its engines are left alone).
     pub fn kill_with_replicas(&mut self) {
@@ -167,18 +175,28 @@ impl NodeProc {
     }
 }
 
+/// SIGTERM, then wait up to 25 s for the process to exit.
+fn terminate(p: &mut Proc) {
+    super::signal(&p.0, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = p.0.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for NodeProc {
     /// SIGTERM, so the node stops its replica processes before it exits
     /// (a SIGKILLed node leaves them running, by design: see the node's
     /// module docs).
     fn drop(&mut self) {
-        super::signal(&self.proc.0, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.proc.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        terminate(&mut self.proc);
+        // A node with a launcher leaves its instances to it; stopping the
+        // launcher stops them.
+        if let Some(l) = &mut self.launcher {
+            terminate(l);
         }
     }
 }

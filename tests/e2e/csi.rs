@@ -369,6 +369,15 @@ async fn a_filesystem_volume_is_staged_published_and_follows_its_volume_to_anoth
             "launched process {pid} outlives the node plugin's container"
         );
     }
+    // A restart that begins with SIGTERM (a failed liveness probe) leaves
+    // them running too: they are the launcher's to stop.
+    c.nodes[0].term_and_restart();
+    for pid in &launched {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "launched process {pid} outlives a SIGTERMed node plugin"
+        );
+    }
     let more = pattern(8, 64 * 1024);
     write_file(&p.target.join("more.bin"), &more);
     let listed = instances(&c, 0).await;
