@@ -195,7 +195,7 @@ async fn a_fresh_replica_rebuilds_while_the_volume_serves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_add_during_a_rebuild_is_answered_busy_at_once() {
     let root = tempfile::tempdir().unwrap();
-    let (_dirs, mut procs, addrs) = start_three(root.path());
+    let (mut dirs, mut procs, addrs) = start_three(root.path());
     // 4 MiB/s: the 16 MiB written below take four seconds to copy, room
     // for the second add on a loaded machine.
     let opts = Options {
@@ -243,6 +243,50 @@ async fn a_second_add_during_a_rebuild_is_answered_busy_at_once() {
             .any(|r| r.addr == second && r.mode == Mode::ReadWrite)
     })
     .await;
+
+    // Two rebuilds took two snapshots; the older is merged away on every
+    // replica, and only the newest stays below the head.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut left = Vec::new();
+        for r in v
+            .status()
+            .replicas
+            .iter()
+            .filter(|r| r.mode == Mode::ReadWrite)
+        {
+            let c = shorthorn::replica::client::Client::connect(&r.addr)
+                .await
+                .unwrap();
+            let layers = c.list().await.unwrap();
+            c.shutdown();
+            left.push(
+                layers
+                    .iter()
+                    .filter(|l| l.name.starts_with("rebuild-"))
+                    .count(),
+            );
+        }
+        if left.len() == 4 && left.iter().all(|n| *n == 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rebuild snapshots per replica: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut buf_ok = 0;
+    for b in (0..(16 << 20) / 4096).step_by(61) {
+        let got = v.read(b * 4096, 4096).await.unwrap();
+        let want = content(b, if b == 0 { 2 } else { 1 });
+        assert_eq!(&got[..], &want[..], "block {b} after the merge");
+        buf_ok += 1;
+    }
+    assert!(buf_ok > 60);
+    dirs.remove(1);
+    dirs.extend([root.path().join("f1"), root.path().join("f2")]);
+    stop_and_compare(v, procs, &dirs, SIZE, "replicas differ after the merge").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,49 @@ fn check_remove_point(point: &str) {
     r.check_index().unwrap();
 }
 
+/// As [`check_remove_point`], for a snapshot whose child is a snapshot
+/// (the merge that runs without holding I/O): neither the head nor the
+/// child snapshot shows anything different, whatever the crash point.
+fn check_remove_below_point(point: &str) {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let (mid, head) = {
+        let r = reopen(d.path());
+        r.snapshot("mid", true, BTreeMap::new()).unwrap();
+        let mid = view_of(&r, SIZE);
+        r.write(12288, &content(3, 3)).unwrap();
+        r.write(4096, &content(1, 3)).unwrap();
+        let head = view_of(&r, SIZE);
+        r.close().unwrap();
+        (mid, head)
+    };
+    crash_during(d.path(), point, None, |c| {
+        Box::pin(async move {
+            assert!(c.remove_snapshot("base").await.is_err());
+        })
+    });
+    let r = reopen(d.path());
+    assert_eq!(view_of(&r, SIZE), head, "{point}: the head shows the same");
+    if snapshot_names(&r).iter().any(|(n, _)| n == "base") {
+        r.remove_snapshot("base").unwrap();
+    }
+    assert_eq!(
+        snapshot_names(&r)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["mid"]
+    );
+    assert_eq!(view_of(&r, SIZE), head);
+    r.check_index().unwrap();
+    r.revert("mid").unwrap();
+    assert_eq!(
+        view_of(&r, SIZE),
+        mid,
+        "{point}: the child snapshot shows the same"
+    );
+}
+
 fn check_revert_point(point: &str) {
     let d = tempfile::tempdir().unwrap();
     let (base, head) = setup(d.path());
@@ -230,6 +273,7 @@ fn crash_points_in_remove_snapshot() {
         "remove.unlinked",
     ] {
         check_remove_point(p);
+        check_remove_below_point(p);
     }
 }
 

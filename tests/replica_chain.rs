@@ -99,3 +99,91 @@ fn a_thousand_snapshots_deep_chain() {
     assert_eq!(r.info().chain.len() as u64, SNAPSHOTS + 1 - 4);
     r.check_index().unwrap();
 }
+
+/// Removing a snapshot whose children are all snapshots merges it into
+/// them while writes and reads go on: they are not held for the copy. The
+/// merged chain reads back exactly as before, and the head's writes made
+/// during the merge are all there.
+#[test]
+fn removing_a_snapshot_below_another_does_not_hold_io() {
+    const BIG: u64 = 256 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let r = std::sync::Arc::new(Replica::open(dir.path(), Some(BIG)).unwrap());
+    // `old` holds 192 MiB; `newer` on top of it overwrites some blocks.
+    let chunk = vec![0x5au8; 1 << 20];
+    for m in 0..192u64 {
+        r.write(m << 20, &chunk).unwrap();
+    }
+    r.snapshot("old", false, BTreeMap::new()).unwrap();
+    for b in 0..64u64 {
+        r.write(b * 4096 * 7, &content(b)).unwrap();
+    }
+    r.snapshot("newer", true, BTreeMap::new()).unwrap();
+    r.flush().unwrap();
+    let expect = |b: u64| -> Vec<u8> {
+        if b % 7 == 0 && b / 7 < 64 {
+            content(b / 7)
+        } else if b < (192 << 20) / 4096 {
+            vec![0x5a; 4096]
+        } else {
+            vec![0; 4096]
+        }
+    };
+
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let remover = {
+        let (r, started, done) = (r.clone(), started.clone(), done.clone());
+        std::thread::spawn(move || {
+            started.store(true, std::sync::atomic::Ordering::SeqCst);
+            let t = Instant::now();
+            let res = r.remove_snapshot("old");
+            let took = t.elapsed();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            res.map(|()| took)
+        })
+    };
+    while !started.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    // Head writes above the 192 MiB, and reads of merged blocks, while the
+    // merge runs.
+    let mut during = 0u64;
+    let mut slowest = std::time::Duration::ZERO;
+    let mut buf = vec![0u8; 4096];
+    let head_block = |i: u64| (200 << 20) / 4096 + i % 4096;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        let t = Instant::now();
+        r.write(head_block(during) * 4096, &content(head_block(during)))
+            .unwrap();
+        let b = (during * 13) % ((192 << 20) / 4096);
+        r.read(b * 4096, &mut buf).unwrap();
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(buf, expect(b), "block {b} during the merge");
+        during += 1;
+    }
+    let took = remover.join().unwrap().unwrap();
+    eprintln!("merge took {took:?}; {during} writes and reads meanwhile, the slowest {slowest:?}");
+    // Held for the merge, one write and read would wait for most of it.
+    assert!(
+        slowest * 2 < took,
+        "I/O was held: one write and read took {slowest:?} of the merge's {took:?}"
+    );
+    let names: Vec<String> = r.list().unwrap().into_iter().map(|l| l.name).collect();
+    assert!(!names.contains(&"old".to_owned()), "{names:?}");
+    for b in (0..(192u64 << 20) / 4096).step_by(97) {
+        r.read(b * 4096, &mut buf).unwrap();
+        assert_eq!(buf, expect(b), "block {b} after the merge");
+    }
+    for i in 0..during.min(4096) {
+        r.read(head_block(i) * 4096, &mut buf).unwrap();
+        assert_eq!(buf, content(head_block(i)), "head write {i}");
+    }
+    // And so after reopening.
+    drop(r);
+    let r = Replica::open(dir.path(), None).unwrap();
+    for b in (0..(192u64 << 20) / 4096).step_by(101) {
+        r.read(b * 4096, &mut buf).unwrap();
+        assert_eq!(buf, expect(b), "block {b} after reopening");
+    }
+}

@@ -15,6 +15,8 @@
 //!    copies only what changed.
 //! 5. `finish_rebuild` syncs its layers and clears the flag.
 //! 6. It turns read-write and a new epoch records it as a member.
+//! 7. Rebuild snapshots older than the newest snapshot are merged away on
+//!    every replica, so at most one is left below the head.
 //!
 //! A failure at any step fails the new replica; a kill of any process
 //! leaves it flagged rebuilding, and the next engine rebuilds it again
@@ -92,7 +94,7 @@ impl Volume {
             target.expand(size).await.map_err(err)?;
         }
         let progress = Arc::new(Progress::default());
-        let snap = format!("rebuild-{:x}", unique());
+        let snap = format!("{REBUILD_PREFIX}{:x}", unique());
         let idx = {
             let _g = inner.gate.write().await;
             inner.snapshot_all(&snap, false, BTreeMap::new()).await?;
@@ -136,6 +138,18 @@ impl Volume {
                         seconds = started.elapsed().as_secs_f64(),
                         "rebuild done"
                     );
+                    // Still holding the rebuild slot: no other rebuild, and
+                    // no snapshot removal or revert through the engine, runs
+                    // meanwhile.
+                    match prune_rebuild_snapshots(&inner).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(volume.id = %inner.name, merged = n, "older rebuild snapshots merged away")
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume.id = %inner.name, error = %e, "older rebuild snapshots left for the next rebuild")
+                        }
+                    }
                 }
                 Err(e) => inner.fail(idx, &format!("rebuild failed: {e}")),
             }
@@ -157,6 +171,58 @@ impl Volume {
         self.inner.slots()[i].removed = true;
         self.inner.settle_epoch().await
     }
+}
+
+/// Names of the system snapshots a rebuild takes start with this.
+pub const REBUILD_PREFIX: &str = "rebuild-";
+
+/// How long one replica may take to merge one snapshot away (a merge copies
+/// up to the snapshot's whole data).
+const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Merges away every rebuild snapshot of the active chain except the
+/// newest snapshot (the head's parent), on every read-write replica, so
+/// rebuilds do not pile up layers. Each is merged into its children, which
+/// are then all snapshots: the replicas do that without holding I/O
+/// (`Replica::remove_snapshot`). Fresh connections with a long timeout
+/// carry the calls, so a long merge never looks like a dead replica to
+/// the I/O path. Returns how many were merged.
+async fn prune_rebuild_snapshots(inner: &Inner) -> Result<usize, String> {
+    let src = source(inner).map_err(|e| e.to_string())?;
+    let layers = src.list().await.map_err(|e| format!("source list: {e}"))?;
+    let chain = copy::active_chain(&layers);
+    let Some((_, older)) = chain.split_last() else {
+        return Ok(0);
+    };
+    let stale: Vec<String> = older
+        .iter()
+        .filter(|s| !s.user_created && s.name.starts_with(REBUILD_PREFIX))
+        .map(|s| s.name.clone())
+        .collect();
+    let addrs: Vec<String> = inner
+        .slots()
+        .iter()
+        .filter(|s| s.mode == Mode::ReadWrite)
+        .map(|s| s.addr.clone())
+        .collect();
+    for name in &stale {
+        let removals = addrs.iter().map(|addr| async move {
+            let c = Client::connect_with_timeout(addr, PRUNE_TIMEOUT)
+                .await
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let r = c
+                .remove_snapshot(name)
+                .await
+                .map_err(|e| format!("{addr}: removing {name}: {e}"));
+            c.shutdown();
+            r
+        });
+        futures_util::future::join_all(removals)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>, String>>()?;
+    }
+    Ok(stale.len())
 }
 
 fn unique() -> u128 {

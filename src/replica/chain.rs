@@ -60,6 +60,13 @@ pub struct Replica {
     /// The engine record as on disk (`shorthorn.engine`); the mutex also
     /// serialises its writers.
     engine: Mutex<EngineRecord>,
+    /// Held, always before `state`, by the operations that could undo or
+    /// race a merge into snapshot layers: remove, revert and the rebuild
+    /// steps that reshape the chain or write its snapshots. It keeps them
+    /// out while `remove_snapshot` merges into snapshot layers without
+    /// `state`. Taking a snapshot and expanding need not wait: they touch
+    /// only the head.
+    structure: Mutex<()>,
 }
 
 mod rebuild;
@@ -198,6 +205,7 @@ impl Replica {
             persisted_revision: Mutex::new(rev),
             failed: Mutex::new(None),
             engine: Mutex::new(engine),
+            structure: Mutex::new(()),
         };
         r.set_flags(|m| m.dirty = true)?;
         Ok(r)
@@ -546,8 +554,16 @@ impl Replica {
 
     /// Removes snapshot `name`: its data is merged into each child's holes so
     /// that nothing any child shows changes, then its files are deleted.
+    ///
+    /// I/O waits only while the head is merged into or the chain's shape
+    /// changes. When every child is itself a snapshot the merge runs without
+    /// the state lock: a reader resolves blocks top-down and already sees,
+    /// through each child's holes, exactly the bytes copied into them, and
+    /// `structure` keeps out every operation that could change a snapshot
+    /// layer or the set of children meanwhile.
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
         self.check_ok()?;
+        let _shape = lock(&self.structure);
         let mut st = self.write_state();
         let snap = meta::snap_file_name(name);
         let Some(mut smeta) = st.disks.get(&snap).cloned() else {
@@ -561,18 +577,22 @@ impl Replica {
         crate::failpoint!("remove.marked");
 
         let size = st.meta.size;
-        let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
-        let src_set = src.scan_extents(size).map_err(io_err(&snap))?;
         let children: Vec<String> = st
             .disks
             .iter()
             .filter(|(_, m)| m.parent == snap)
             .map(|(f, _)| f.clone())
             .collect();
+        let head = st.meta.head.clone();
+        let head_layer = Arc::clone(st.chain.last().expect("chain has a head"));
+        // Held through the merge only when it writes into the head.
+        let held = children.contains(&head).then_some(st);
+        let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
+        let src_set = src.scan_extents(size).map_err(io_err(&snap))?;
+        // 2. Copy what each child does not shadow, then make it durable.
         for child in &children {
-            // 2. Copy what the child does not shadow, then make it durable.
-            let dst = if *child == st.meta.head {
-                Arc::clone(st.chain.last().expect("chain has a head"))
+            let dst = if *child == head {
+                Arc::clone(&head_layer)
             } else {
                 Arc::new(Layer::open(&self.dir.join(child)).map_err(io_err(child))?)
             };
@@ -580,7 +600,13 @@ impl Replica {
             copy_missing(&src, &src_set, &dst, &dst_set).map_err(io_err(child))?;
             dst.sync().map_err(io_err(child))?;
             crate::failpoint!("remove.copied");
-            // 3. Commit for this child: it now descends from our parent.
+        }
+        let mut st = match held {
+            Some(st) => st,
+            None => self.write_state(),
+        };
+        // 3. Commit, child by child: it now descends from our parent.
+        for child in &children {
             let mut cm = st.disks[child].clone();
             cm.parent = smeta.parent.clone();
             if let Err(e) = write_meta(&self.dir, &meta_name(child), &meta::encode_disk(&cm)) {
@@ -605,6 +631,7 @@ impl Replica {
     /// `name`. Snapshots newer than `name` stay, off the active chain.
     pub fn revert(&self, name: &str) -> Result<()> {
         self.check_ok()?;
+        let _shape = lock(&self.structure);
         let mut st = self.write_state();
         let snap = meta::snap_file_name(name);
         match st.disks.get(&snap) {

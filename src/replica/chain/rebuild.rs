@@ -90,6 +90,7 @@ impl Replica {
     /// Writes `data` into snapshot `layer` of a rebuilding replica.
     pub fn layer_write(&self, layer: &str, offset: u64, data: &[u8]) -> Result<()> {
         self.check_ok()?;
+        let _shape = lock(&self.structure);
         let mut st = self.write_state();
         Self::check_rebuilding(&st, "layer write")?;
         let blocks = check_io(offset, data.len() as u64, st.meta.size)?;
@@ -103,6 +104,7 @@ impl Replica {
     /// rebuilding replica.
     pub fn layer_punch(&self, layer: &str, offset: u64, len: u64) -> Result<()> {
         self.check_ok()?;
+        let _shape = lock(&self.structure);
         let mut st = self.write_state();
         Self::check_rebuilding(&st, "layer punch")?;
         let blocks = check_io(offset, len, st.meta.size)?;
@@ -124,6 +126,7 @@ impl Replica {
     /// calling this again finishes the job.
     pub fn set_chain(&self, want: &[SnapshotSpec]) -> Result<()> {
         self.check_ok()?;
+        let _shape = lock(&self.structure);
         let mut st = self.write_state();
         Self::check_rebuilding(&st, "set chain")?;
         for s in want {
@@ -225,6 +228,7 @@ impl Replica {
     /// from the files, then clears the rebuilding flag (the commit).
     pub fn finish_rebuild(&self) -> Result<()> {
         self.check_ok()?;
+        let _shape = lock(&self.structure);
         let mut st = self.write_state();
         Self::check_rebuilding(&st, "finish rebuild")?;
         for (l, n) in st.chain.iter().zip(&st.names) {
