@@ -236,7 +236,20 @@ async fn a_second_add_during_a_rebuild_is_answered_busy_at_once() {
             .any(|r| r.addr == first && r.mode == Mode::ReadWrite)
     })
     .await;
-    v.add_replica(&second).await.unwrap();
+    // The first rebuild's slot is freed once its epoch is recorded and its
+    // older snapshots merged, a moment after it turns read-write: busy
+    // until then, as the answer says, so ask again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match v.add_replica(&second).await {
+            Ok(()) => break,
+            Err(e) if e.kind() == shorthorn::error::ErrorKind::Busy => {
+                assert!(Instant::now() < deadline, "busy for good: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("second add: {e}"),
+        }
+    }
     wait_for(&v, "second rebuilt", |s| {
         s.replicas
             .iter()

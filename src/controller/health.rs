@@ -34,7 +34,7 @@ use tonic::Status;
 
 use super::model::{ReplicaRecord, VolumeRecord, VolumeState, MAX_REJOINS, VOLUMES, ZONE_KEY};
 use super::params::DataLocality;
-use super::service::{allowed_nodes, now, Controller};
+use super::service::{allowed_nodes, delete_replica_via, now, Controller};
 use crate::api::agent;
 use crate::store::Expect;
 
@@ -479,15 +479,7 @@ async fn delete_retired(ctl: &Controller, id: &str, retired: &[ReplicaRecord]) {
         if !cur.value.retired.contains(rep) {
             continue;
         }
-        let deleted = agent
-            .clone()
-            .delete_replica(agent::DeleteReplicaRequest {
-                volume_id: id.to_owned(),
-                replica_name: rep.name.clone(),
-                disk_path: rep.disk.clone(),
-            })
-            .await;
-        if let Err(e) = deleted {
+        if let Err(e) = delete_replica_via(agent, id, rep).await {
             tracing::debug!(volume.id = %id, replica = %rep.name, error = %e.message(), "replaced replica not deleted yet");
             continue;
         }

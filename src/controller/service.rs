@@ -466,16 +466,7 @@ impl Controller {
         volume: &str,
         rep: &ReplicaRecord,
     ) -> Result<(), Status> {
-        self.agent(&rep.node)
-            .await?
-            .delete_replica(agent::DeleteReplicaRequest {
-                volume_id: volume.to_owned(),
-                replica_name: rep.name.clone(),
-                disk_path: rep.disk.clone(),
-            })
-            .await
-            .map(drop)
-            .map_err(|e| agent_failed(&rep.node, &e))
+        delete_replica_via(self.agent(&rep.node).await?, volume, rep).await
     }
 
     /// Asks `rep`'s node to create it (or find it) at `size` bytes; the
@@ -1408,8 +1399,6 @@ const AGENT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// How long one agent call may take (starting a replica process included).
 const AGENT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// An agent's refusal or failure, naming the node; its code passes
-/// through (a node's INVALID_ARGUMENT is still the caller's).
 /// A failure of a CreateVolume whose record already exists, as a code the
 /// CO counts as not final (external-provisioner: CANCELLED,
 /// DEADLINE_EXCEEDED, UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED). With a
@@ -1432,6 +1421,26 @@ fn resumable(volume: &str, e: &Status) -> Status {
     }
 }
 
+/// Asks `rep`'s node, through its connected `agent`, to delete it (its
+/// process and directory).
+pub(super) async fn delete_replica_via(
+    mut agent: agent::agent_client::AgentClient<Channel>,
+    volume: &str,
+    rep: &ReplicaRecord,
+) -> Result<(), Status> {
+    agent
+        .delete_replica(agent::DeleteReplicaRequest {
+            volume_id: volume.to_owned(),
+            replica_name: rep.name.clone(),
+            disk_path: rep.disk.clone(),
+        })
+        .await
+        .map(drop)
+        .map_err(|e| agent_failed(&rep.node, &e))
+}
+
+/// An agent's refusal or failure, naming the node; its code passes
+/// through (a node's INVALID_ARGUMENT is still the caller's).
 pub(super) fn agent_failed(node: &str, e: &Status) -> Status {
     Status::new(e.code(), format!("node {node}: {}", e.message()))
 }

@@ -205,23 +205,34 @@ async fn prune_rebuild_snapshots(inner: &Inner) -> Result<usize, String> {
         .filter(|s| s.mode == Mode::ReadWrite)
         .map(|s| s.addr.clone())
         .collect();
-    for name in &stale {
-        let removals = addrs.iter().map(|addr| async move {
+    if stale.is_empty() {
+        return Ok(0);
+    }
+    // Replicas side by side, each merging the snapshots bottom up over one
+    // connection.
+    let prunes = addrs.iter().map(|addr| {
+        let stale = &stale;
+        async move {
             let c = Client::connect_with_timeout(addr, PRUNE_TIMEOUT)
                 .await
                 .map_err(|e| format!("{addr}: {e}"))?;
-            let r = c
-                .remove_snapshot(name)
-                .await
-                .map_err(|e| format!("{addr}: removing {name}: {e}"));
+            let r = async {
+                for name in stale {
+                    c.remove_snapshot(name)
+                        .await
+                        .map_err(|e| format!("{addr}: removing {name}: {e}"))?;
+                }
+                Ok(())
+            }
+            .await;
             c.shutdown();
             r
-        });
-        futures_util::future::join_all(removals)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<()>, String>>()?;
-    }
+        }
+    });
+    futures_util::future::join_all(prunes)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, String>>()?;
     Ok(stale.len())
 }
 

@@ -265,8 +265,8 @@ struct Supervised {
 }
 
 impl Supervised {
-    /// Supervises `spec`'s process: the running one `adopted`, else a new
-    /// child of `exe`.
+    /// Supervises `spec`'s process: the running one `adopted`, else one
+    /// `starter` starts.
     fn spawn(starter: &Starter, spec: Arc<Mutex<Spec>>, adopted: Option<Pid>) -> Self {
         let running = Arc::new(AtomicBool::new(false));
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -393,7 +393,7 @@ async fn wait_engine(control: &str, deadline: Instant) -> Result<(), String> {
 /// one can only be polled.
 enum Live {
     Child(tokio::process::Child),
-    Adopted(Pid),
+    Polled(Pid),
 }
 
 impl Live {
@@ -403,7 +403,7 @@ impl Live {
                 .id()
                 .and_then(|p| i32::try_from(p).ok())
                 .map(Pid::from_raw),
-            Self::Adopted(p) => Some(*p),
+            Self::Polled(p) => Some(*p),
         }
     }
 
@@ -411,11 +411,11 @@ impl Live {
     async fn exited(&mut self) -> String {
         match self {
             Self::Child(c) => format!("{:?}", c.wait().await),
-            Self::Adopted(p) => {
+            Self::Polled(p) => {
                 while alive(*p) {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                "exited (adopted process)".to_owned()
+                "exited (not this node plugin's child)".to_owned()
             }
         }
     }
@@ -491,7 +491,7 @@ async fn supervise(
     let label = spec.lock().expect("poisoned").key();
     loop {
         let spawned = match adopted.take() {
-            Some(pid) => Ok(Live::Adopted(pid)),
+            Some(pid) => Ok(Live::Polled(pid)),
             None => {
                 let args = spec.lock().expect("poisoned").command_args();
                 starter.start(&args).await
@@ -540,19 +540,10 @@ pub enum Starter {
 impl Starter {
     async fn start(&self, args: &[String]) -> Result<Live, String> {
         match self {
-            Self::Fork(exe) => tokio::process::Command::new(exe)
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                // Its own process group: a signal meant for the node
-                // plugin's group (a terminal's ^C) does not reach the
-                // volumes.
-                .process_group(0)
-                .spawn()
-                .map(Live::Child)
-                .map_err(|e| format!("starting {}: {e}", exe.display())),
+            Self::Fork(exe) => super::launcher::spawn_detached(exe, args).map(Live::Child),
             Self::Launcher(socket) => super::launcher::launch(socket, args)
                 .await
-                .map(Live::Adopted)
+                .map(Live::Polled)
                 .map_err(|e| e.to_string()),
         }
     }

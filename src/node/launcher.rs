@@ -160,12 +160,14 @@ async fn stop_children(children: &Children, mode: &str) {
         let _ = kill(*pid, Signal::SIGTERM);
     }
     let deadline = tokio::time::Instant::now() + STOP_GRACE;
+    let mut killed = false;
     while !of_mode().is_empty() {
-        if tokio::time::Instant::now() >= deadline {
+        if !killed && tokio::time::Instant::now() >= deadline {
             for pid in of_mode() {
                 tracing::warn!(pid = pid.as_raw(), mode, "did not stop in time; killing");
                 let _ = kill(pid, Signal::SIGKILL);
             }
+            killed = true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -218,12 +220,7 @@ fn start(exe: &Path, args: &[String], children: &Children) -> Result<i32, String
             "the first argument must be one of {MODES:?}, not {mode:?}"
         ));
     }
-    let mut child = tokio::process::Command::new(exe)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let mut child = spawn_detached(exe, args)?;
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
@@ -237,6 +234,18 @@ fn start(exe: &Path, args: &[String], children: &Children) -> Result<i32, String
         tracing::info!(pid, ?status, "exited");
     });
     Ok(pid)
+}
+
+/// Starts `exe args` with no input, in its own process group: a signal
+/// meant for its starter's group (a terminal's ^C) does not reach the
+/// volumes.
+pub(super) fn spawn_detached(exe: &Path, args: &[String]) -> Result<tokio::process::Child, String> {
+    tokio::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))
 }
 
 /// Asks the launcher at `socket` to start this binary with `args`;

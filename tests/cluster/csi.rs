@@ -87,8 +87,8 @@ impl NodeProc {
 
     /// SIGKILLs the node plugin with every process descended from it, as a
     /// container runtime kills a restarted container's processes, and
-    /// starts it again. Returns how many descendants were killed.
-    pub fn kill_container_and_restart(&mut self) -> usize {
+    /// starts it again.
+    pub fn kill_container_and_restart(&mut self) {
         let root = self.proc.0.id();
         let mut doomed = vec![root];
         // Parents before children in one pass would miss grandchildren
@@ -110,7 +110,6 @@ impl NodeProc {
         }
         self.proc.0.wait().unwrap();
         self.proc = spawn_node(&self.args);
-        doomed.len() - 1
     }
 
     /// Stops the node plugin with SIGTERM, as a container restart begins,

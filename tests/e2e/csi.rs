@@ -1572,7 +1572,8 @@ async fn a_replica_whose_rebuilds_keep_failing_is_replaced_on_another_node() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
     assert_eq!(
-        most_rejoins, 5,
+        most_rejoins,
+        u64::from(shorthorn::controller::model::MAX_REJOINS),
         "taken back as often as allowed, then left out: {rec}"
     );
     healthy(&mut c, vol, engine_node).await;
@@ -1701,9 +1702,6 @@ async fn modify(c: &Ctl, vol: &str, params: &[(&str, &str)]) -> Result<(), tonic
         .map(drop)
 }
 
-/// Waits until `vol`'s record holds replicas on exactly `nodes` and no
-/// retired ones, with its engine on `engine` serving them all read-write;
-/// then checks every replica holds the same bytes.
 /// The node numbers (`node-N`) holding `rec`'s replicas, in record order.
 fn replica_nodes(rec: &serde_json::Value) -> Vec<usize> {
     rec["replicas"]
@@ -1714,6 +1712,9 @@ fn replica_nodes(rec: &serde_json::Value) -> Vec<usize> {
         .collect()
 }
 
+/// Waits until `vol`'s record holds replicas on exactly `nodes` and no
+/// retired ones, with its engine on `engine` serving them all read-write;
+/// then checks every replica holds the same bytes.
 async fn settle(c: &mut Ctl, vol: &str, engine: usize, nodes: impl Fn(&[usize]) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let rec = loop {
