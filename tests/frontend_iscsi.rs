@@ -76,10 +76,9 @@ impl Target {
 }
 
 fn tool(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd} is needed ({e}); run scripts/test, which installs it"))
+    let mut c = Command::new(cmd);
+    c.args(args);
+    output_within(c, Duration::from_secs(120))
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
@@ -268,8 +267,7 @@ fn iscsi_test_cu_passes_at_least_as_many_tests_as_tgt() {
                 Ok(())
             });
         }
-        c.output()
-            .unwrap_or_else(|e| panic!("iscsi-test-cu is needed ({e}); run scripts/test"))
+        output_within(c, SUITE_DEADLINE)
     };
     let summary = |out: &Output| {
         String::from_utf8_lossy(&out.stdout)
@@ -279,12 +277,13 @@ fn iscsi_test_cu_passes_at_least_as_many_tests_as_tgt() {
     };
     let mut out = run();
     if summary(&out).is_none() {
-        // Should it still stop without a summary, that is reported and the
-        // suite run once more; a second stop fails the test.
+        // Should it stop (or be stopped at the deadline) without a summary,
+        // that is reported with the test it was in, and the suite is run
+        // once more; a second such stop fails the test.
         let tail: Vec<_> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .rev()
-            .take(5)
+            .take(8)
             .map(str::to_owned)
             .collect();
         eprintln!(
@@ -310,6 +309,46 @@ fn iscsi_test_cu_passes_at_least_as_many_tests_as_tgt() {
     let (total, passed) = (n[0], n[2]);
     eprintln!("iscsi-test-cu: {passed} of {total} passed");
     assert!(passed >= MIN_PASSED, "{passed} of {total} passed:\n{text}");
+}
+
+/// A whole suite run takes about a minute here; one that has not ended in
+/// this long is stuck (a CI run once waited on it for over an hour).
+const SUITE_DEADLINE: Duration = Duration::from_secs(360);
+
+/// Runs `c` to its end, or kills it at `limit`, and returns what it printed
+/// either way.
+fn output_within(mut c: Command, limit: Duration) -> Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{c:?} is needed ({e}); run scripts/test"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            b
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            eprintln!("{c:?} still running after {limit:?}; killing it");
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
 
 /// The floor the conformance run must keep. The issue asks for tgt's
