@@ -333,7 +333,8 @@ struct ReplicaArgs {
     /// host:port to listen on.
     #[arg(long, env = "SHORTHORN_REPLICA_LISTEN")]
     listen: String,
-    /// Volume name, for logs.
+    /// Volume name: logged, and an engine working for another volume is
+    /// refused (without it, every engine is served).
     #[arg(long, default_value = "", env = "SHORTHORN_VOLUME")]
     volume: String,
 }
@@ -569,9 +570,15 @@ async fn run_replica(a: ReplicaArgs) -> Result<()> {
     let _g = span.enter();
     let dir = a.dir.clone();
     let size = a.size;
+    let volume = a.volume.clone();
     let r = tokio::task::spawn_blocking(move || Replica::open(&dir, size))
         .await?
         .with_context(|| format!("opening replica in {}", a.dir.display()))?;
+    let r = if volume.is_empty() {
+        r
+    } else {
+        r.for_volume(&volume)
+    };
     let r = Arc::new(r);
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await

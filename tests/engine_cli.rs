@@ -222,17 +222,12 @@ async fn a_rebuild_interrupted_by_an_engine_kill_is_redone_not_promoted() {
         assert!(Instant::now() < deadline, "never rebuilt: {:?}", v.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    v.flush().await.unwrap();
-    drop(v);
-    for p in procs {
-        p.stop();
-    }
-    let d: Vec<_> = dirs
-        .iter()
-        .map(|d| cluster::replica_digest(d, SIZE))
-        .collect();
-    assert!(
-        d[0] == d[1] && d[1] == d[2],
-        "replicas differ after the redone rebuild"
-    );
+    cluster::stop_and_compare(
+        v,
+        procs,
+        &dirs,
+        SIZE,
+        "replicas differ after the redone rebuild",
+    )
+    .await;
 }

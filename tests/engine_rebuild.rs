@@ -7,7 +7,7 @@
 
 mod cluster;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shorthorn::engine::{Health, Mode, Options, Volume};
 
-use cluster::{content, replica_digest, start_replica, start_replica_at, tag_of, Proc};
+use cluster::{
+    content, replica_digest, start_replica, start_replica_at, stop_and_compare, tag_of, Proc,
+};
 
 const SIZE: u64 = 64 << 20;
 const BLOCKS: u64 = SIZE / 4096;
@@ -96,18 +98,6 @@ async fn wait_for(v: &Volume, what: &str, cond: impl Fn(&shorthorn::engine::Volu
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Flushes, closes the engine, stops the replicas cleanly and checks they
-/// all hold the same volume.
-async fn stop_and_compare(v: Volume, procs: Vec<Proc>, dirs: &[PathBuf], size: u64, what: &str) {
-    v.flush().await.unwrap();
-    drop(v);
-    for p in procs {
-        p.stop();
-    }
-    let d: Vec<_> = dirs.iter().map(|d| replica_digest(d, size)).collect();
-    assert!(d.windows(2).all(|w| w[0] == w[1]), "{what}");
 }
 
 fn start_three(root: &Path) -> (Vec<PathBuf>, Vec<Proc>, Vec<String>) {
@@ -736,4 +726,94 @@ async fn a_restore_copies_from_a_current_replica_never_a_stale_one() {
     assert_eq!(copy::restore(&addrs, &target, "s").await.unwrap(), 0);
     let e = copy::pick_source(&addrs, "nope").await.unwrap_err();
     assert!(e.contains("holds no snapshot"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_another_volume_is_refused_and_left_untouched() {
+    use shorthorn::replica::client::Client;
+
+    let root = tempfile::tempdir().unwrap();
+    let (p0, a0) = start_replica(&root.path().join("r0"), SIZE);
+    let (p1, a1) = start_replica(&root.path().join("r1"), SIZE);
+    // The address of a replica serving another volume (a stale address, a
+    // port reused by another volume's replica) in this volume's list.
+    let (other, a2) = cluster::start_replica_of(&root.path().join("r2"), SIZE, "other");
+    let o = Volume::open("other", SIZE, std::slice::from_ref(&a2))
+        .await
+        .unwrap();
+    o.write(0, Bytes::from(content(0, 7))).await.unwrap();
+    o.flush().await.unwrap();
+    drop(o);
+    let c = Client::connect(&a2).await.unwrap();
+    let before = c.info().await.unwrap();
+
+    let addrs = vec![a0, a1, a2.clone()];
+    let v = Volume::open("vol", SIZE, &addrs).await.unwrap();
+    let st = v.status();
+    assert_eq!(st.health, Health::Degraded, "{st:?}");
+    assert_eq!(st.replicas[2].mode, Mode::Failed, "{st:?}");
+    let why = st.replicas[2].error.clone().unwrap_or_default();
+    assert!(why.contains("serves volume \"other\""), "{why}");
+    v.write(0, Bytes::from(content(0, 1))).await.unwrap();
+    v.flush().await.unwrap();
+    let e = v.add_replica(&a2).await.unwrap_err();
+    assert!(e.to_string().contains("serves volume \"other\""), "{e}");
+    drop(v);
+
+    // Nothing reached it: not the writes, not the membership records.
+    let after = c.info().await.unwrap();
+    assert_eq!(before, after);
+    let o = Volume::open("other", SIZE, &[a2]).await.unwrap();
+    let got = o.read(0, 4096).await.unwrap();
+    assert_eq!(tag_of(0, &got), Some(7));
+    drop(o);
+    for p in [p0, p1, other] {
+        p.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_removal_slower_than_the_io_timeout_fails_no_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let (dirs, procs, addrs) = start_three(root.path());
+    let v = Volume::open_with_timeout("vol", SIZE, &addrs, Duration::from_secs(1))
+        .await
+        .unwrap();
+    for b in 0..64 {
+        v.write(b * 4096, Bytes::from(content(b, 1))).await.unwrap();
+    }
+    v.snapshot("s1", BTreeMap::new()).await.unwrap();
+    v.write(0, Bytes::from(content(0, 2))).await.unwrap();
+    v.snapshot("s2", BTreeMap::new()).await.unwrap();
+    // A replica that takes three I/O timeouts over its merge (stopped here;
+    // a merge of a large snapshot on a busy disk in life).
+    cluster::signal(&procs[2].0, nix::sys::signal::Signal::SIGSTOP);
+    let v2 = v.clone();
+    let removal = tokio::spawn(async move { v2.remove_snapshot("s1").await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster::signal(&procs[2].0, nix::sys::signal::Signal::SIGCONT);
+    removal.await.unwrap().unwrap();
+    let st = v.status();
+    assert_eq!(st.health, Health::Healthy, "{st:?}");
+    assert!(
+        st.replicas.iter().all(|r| r.mode == Mode::ReadWrite),
+        "{st:?}"
+    );
+    let names: Vec<String> = v
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert!(!names.contains(&"s1".to_owned()), "{names:?}");
+    for b in 0..64 {
+        let got = v.read(b * 4096, 4096).await.unwrap();
+        assert_eq!(
+            tag_of(b, &got),
+            Some(if b == 0 { 2 } else { 1 }),
+            "block {b}"
+        );
+    }
+    stop_and_compare(v, procs, &dirs, SIZE, "replicas differ after the removal").await;
 }

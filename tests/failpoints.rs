@@ -352,3 +352,95 @@ fn crash_point_in_create() {
     assert!(view_of(&r, SIZE).iter().all(Option::is_none));
     r.check_index().unwrap();
 }
+
+/// An engine dies in the middle of removing a snapshot: it had marked the
+/// snapshot removed on every replica, and one replica had already merged it
+/// away. The next engine finishes the removal on the others; it does not
+/// take the replica whose chain differs for stale and rebuild it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_removal_is_finished_at_open_not_rebuilt() {
+    use shorthorn::engine::{Health, Mode, Volume};
+
+    const VSIZE: u64 = 32 << 20;
+    let root = tempfile::tempdir().unwrap();
+    let r = cluster::start_replicas(root.path(), 3, VSIZE);
+    let (procs, dirs, addrs) = (r.procs, r.dirs, r.addrs);
+    let v = Volume::open("vol", VSIZE, &addrs).await.unwrap();
+    for i in 0..8u8 {
+        v.write(u64::from(i) << 20, Bytes::from(vec![i + 1; 1 << 20]))
+            .await
+            .unwrap();
+    }
+    v.snapshot("s1", BTreeMap::new()).await.unwrap();
+    v.write(0, Bytes::from(vec![0x40; 2 << 20])).await.unwrap();
+    v.snapshot("s2", BTreeMap::new()).await.unwrap();
+    v.write(8 << 20, Bytes::from(vec![0x80; 1 << 20]))
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    let want = read_all(&v, VSIZE).await;
+    drop(v);
+
+    let control = free_addr();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
+    cmd.args(["engine", "--volume", "vol", "--size", "32Mi"])
+        .args(["--control", &control])
+        .env("SHORTHORN_FAILPOINT", "engine.remove.marked")
+        .env("SHORTHORN_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for a in &addrs {
+        cmd.args(["--replica", a]);
+    }
+    let mut engine = Proc(cmd.spawn().unwrap());
+    cluster::wait_listening(&control);
+    let out = cluster::ctl(&control, &["remove-snapshot", "s1"]);
+    assert!(!out.status.success(), "the engine should have died");
+    let status = engine.0.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "failpoint not hit ({status})"
+    );
+    let layers = |addr: &str| {
+        let addr = addr.to_owned();
+        async move { Client::connect(&addr).await.unwrap().list().await.unwrap() }
+    };
+    for a in &addrs {
+        let l = layers(a).await;
+        let s1 = l.iter().find(|l| l.name == "s1").expect("s1 still there");
+        assert!(s1.removed, "{a}: s1 not marked removed");
+    }
+    // The first replica had finished its part before the engine died.
+    Client::connect(&addrs[0])
+        .await
+        .unwrap()
+        .remove_snapshot("s1")
+        .await
+        .unwrap();
+
+    let v = Volume::open("vol", VSIZE, &addrs).await.unwrap();
+    let st = v.status();
+    assert_eq!(st.health, Health::Healthy, "{st:?}");
+    assert!(
+        st.replicas
+            .iter()
+            .all(|r| r.mode == Mode::ReadWrite && r.rebuild.is_none()),
+        "a replica is rebuilt: {st:?}"
+    );
+    for a in &addrs {
+        let names: Vec<String> = layers(a).await.into_iter().map(|l| l.name).collect();
+        assert!(!names.contains(&"s1".to_owned()), "{a}: {names:?}");
+        assert!(names.contains(&"s2".to_owned()), "{a}: {names:?}");
+    }
+    assert!(read_all(&v, VSIZE).await == want, "content changed");
+    cluster::stop_and_compare(v, procs, &dirs, VSIZE, "replicas differ").await;
+}
+
+async fn read_all(v: &shorthorn::engine::Volume, size: u64) -> Vec<u8> {
+    let mut all = Vec::new();
+    for off in (0..size).step_by(4 << 20) {
+        all.extend(v.read(off, 4 << 20).await.unwrap());
+    }
+    all
+}

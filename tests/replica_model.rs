@@ -20,6 +20,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..BLOCKS, 1..12u64).prop_map(|(block, n)| Op::Unmap { block, count: n.min(BLOCKS - block) }),
         2 => Just(Op::Snapshot),
         1 => (0..8usize).prop_map(Op::Remove),
+        1 => (0..8usize).prop_map(Op::Mark),
         1 => (0..8usize).prop_map(Op::Revert),
         1 => Just(Op::Reopen),
         1 => Just(Op::Flush),

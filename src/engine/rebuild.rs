@@ -66,7 +66,7 @@ impl Volume {
             addr: addr.into(),
             cause,
         };
-        let (conns, info) = probe(addr, &inner.opts).await.map_err(err)?;
+        let (conns, info) = probe(&inner.name, addr, &inner.opts).await.map_err(err)?;
         let guard = match Arc::clone(&inner.rebuilding).try_lock_owned() {
             Ok(g) => g,
             Err(_) if wait => Arc::clone(&inner.rebuilding).lock_owned().await,
@@ -176,17 +176,11 @@ impl Volume {
 /// Names of the system snapshots a rebuild takes start with this.
 pub const REBUILD_PREFIX: &str = "rebuild-";
 
-/// How long one replica may take to merge one snapshot away (a merge copies
-/// up to the snapshot's whole data).
-const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
-
 /// Merges away every rebuild snapshot of the active chain except the
-/// newest snapshot (the head's parent), on every read-write replica, so
-/// rebuilds do not pile up layers. Each is merged into its children, which
-/// are then all snapshots: the replicas do that without holding I/O
-/// (`Replica::remove_snapshot`). Fresh connections with a long timeout
-/// carry the calls, so a long merge never looks like a dead replica to
-/// the I/O path. Returns how many were merged.
+/// newest snapshot (the head's parent), on every replica, so rebuilds do not
+/// pile up layers ([`Inner::remove_snapshots`]: merges into child snapshots
+/// never hold I/O, and long ones never look like a dead replica). Returns
+/// how many were merged.
 async fn prune_rebuild_snapshots(inner: &Inner) -> Result<usize, String> {
     let src = source(inner).map_err(|e| e.to_string())?;
     let layers = src.list().await.map_err(|e| format!("source list: {e}"))?;
@@ -199,40 +193,12 @@ async fn prune_rebuild_snapshots(inner: &Inner) -> Result<usize, String> {
         .filter(|s| !s.user_created && s.name.starts_with(REBUILD_PREFIX))
         .map(|s| s.name.clone())
         .collect();
-    let addrs: Vec<String> = inner
-        .slots()
-        .iter()
-        .filter(|s| s.mode == Mode::ReadWrite)
-        .map(|s| s.addr.clone())
-        .collect();
-    if stale.is_empty() {
-        return Ok(0);
+    if !stale.is_empty() {
+        inner
+            .remove_snapshots(&stale)
+            .await
+            .map_err(|e| e.to_string())?;
     }
-    // Replicas side by side, each merging the snapshots bottom up over one
-    // connection.
-    let prunes = addrs.iter().map(|addr| {
-        let stale = &stale;
-        async move {
-            let c = Client::connect_with_timeout(addr, PRUNE_TIMEOUT)
-                .await
-                .map_err(|e| format!("{addr}: {e}"))?;
-            let r = async {
-                for name in stale {
-                    c.remove_snapshot(name)
-                        .await
-                        .map_err(|e| format!("{addr}: removing {name}: {e}"))?;
-                }
-                Ok(())
-            }
-            .await;
-            c.shutdown();
-            r
-        }
-    });
-    futures_util::future::join_all(prunes)
-        .await
-        .into_iter()
-        .collect::<Result<Vec<()>, String>>()?;
     Ok(stale.len())
 }
 

@@ -2,7 +2,8 @@
 //! identical content after an engine crash.
 //!
 //! 1. Every replica is asked for its info: chain, rebuilding flag, and the
-//!    engine record (epoch, members, write intent).
+//!    engine record (epoch, members, write intent). A replica started for
+//!    another volume refuses, and is never written to.
 //! 2. A replica marked rebuilding is incomplete: it is rebuilt.
 //! 3. The highest epoch's member list names the replicas that held every
 //!    acknowledged write when the last engine stopped. All of them must be
@@ -10,7 +11,9 @@
 //!    reverse; the engine cannot tell, so it refuses to guess). A member one
 //!    epoch behind missed only the recording of the last epoch (a crash
 //!    half-way through it), not data.
-//! 4. Members whose chain differs from the longest one only by its last
+//! 4. A snapshot removal an engine crash cut short is finished on every
+//!    member still holding the snapshot (`finish_removals`). Then members
+//!    whose chain differs from the longest one only by its last
 //!    snapshot missed the end of a snapshot; they take it now. Any other
 //!    difference makes a replica stale: it is rebuilt.
 //! 5. The union of the members' write-intent regions is compared region by
@@ -28,7 +31,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 
 use super::metrics::Metrics;
-use super::volume::{Mode, Options, Slot, Volume};
+use super::volume::{over_fresh, Mode, Options, Slot, Volume, MERGE_TIMEOUT};
 use super::Error;
 use crate::replica::chain::ReplicaInfo;
 use crate::replica::client::{Client, ClientError};
@@ -41,8 +44,10 @@ struct Probe {
     info: ReplicaInfo,
 }
 
-/// Opens `n` connections to `addr` and asks for its info.
+/// Opens `n` connections to `addr` and asks for its info, which a replica
+/// started for another volume than `volume` refuses.
 pub(super) async fn probe(
+    volume: &str,
     addr: &str,
     opts: &Options,
 ) -> Result<(Vec<Client>, ReplicaInfo), ClientError> {
@@ -50,7 +55,7 @@ pub(super) async fn probe(
     for _ in 0..opts.connections.max(1) {
         conns.push(Client::connect_with_timeout(addr, opts.timeout).await?);
     }
-    let info = conns[0].info().await?;
+    let info = conns[0].info_of(volume).await?;
     Ok((conns, info))
 }
 
@@ -78,7 +83,7 @@ impl Volume {
             }
         }
         let metrics = Arc::new(Metrics::new(name));
-        let results = join_all(addrs.iter().map(|a| probe(a, &opts))).await;
+        let results = join_all(addrs.iter().map(|a| probe(name, a, &opts))).await;
         let mut probes = Vec::new();
         let mut slots = Vec::new();
         for (addr, r) in addrs.iter().zip(results) {
@@ -98,12 +103,12 @@ impl Volume {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(volume.id = %name, replica.addr = %addr, error = %e, "replica unreachable at open");
+                    tracing::warn!(volume.id = %name, replica.addr = %addr, error = %e, "replica unusable at open");
                     slots.push(Slot::new(
                         addr,
                         Vec::new(),
                         Mode::Failed,
-                        Some(format!("unreachable at open: {e}")),
+                        Some(format!("at open: {e}")),
                         &metrics,
                     ));
                 }
@@ -152,6 +157,7 @@ impl Volume {
                     usable(p) && rec.members.contains(&p.addr) && p.info.engine.epoch + 1 >= top;
             }
         }
+        finish_removals(name, &mut probes, &mut member).await;
         // Chains: the longest wins; one snapshot short is completed.
         let canonical = probes
             .iter()
@@ -214,6 +220,66 @@ impl Volume {
             });
         }
         Ok(v)
+    }
+}
+
+/// Step 4, first half: a snapshot removal cut short by an engine crash
+/// left the snapshot marked removed on every member whose chain still holds
+/// it (`Inner::remove_snapshots` marks on all before removing on any). Such
+/// removals are finished on every member holding the snapshot, so that the
+/// chains agree again; a member that cannot finish one is a member no more
+/// (it is rebuilt).
+async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]) {
+    let lists = join_all(probes.iter().zip(member.iter()).map(|(p, m)| async move {
+        match m {
+            true => Some(p.conns[0].list().await),
+            false => None,
+        }
+    }))
+    .await;
+    let marked: BTreeSet<String> = lists
+        .iter()
+        .flatten()
+        .flatten()
+        .flatten()
+        .filter(|l| l.removed)
+        .map(|l| l.name.clone())
+        .collect();
+    let work = probes.iter().zip(lists).map(|(p, list)| {
+        let marked = &marked;
+        async move {
+            let held: Vec<String> = match list? {
+                Err(e) => return Some(Err(format!("listing snapshots: {e}"))),
+                Ok(layers) => layers
+                    .into_iter()
+                    .filter(|l| !l.head && marked.contains(&l.name))
+                    .map(|l| l.name)
+                    .collect(),
+            };
+            if held.is_empty() {
+                return Some(Ok(None));
+            }
+            tracing::warn!(volume.id = %volume, replica.addr = %p.addr, snapshots = ?held, "finishing an interrupted snapshot removal");
+            let done = over_fresh(volume, &p.addr, MERGE_TIMEOUT, |c| async move {
+                for n in &held {
+                    c.remove_snapshot(n).await?;
+                }
+                c.info_of(volume).await
+            })
+            .await;
+            Some(done.map(Some).map_err(|e| e.to_string()))
+        }
+    });
+    let results = join_all(work).await;
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(info))) => probes[i].info = info,
+            Some(Err(e)) => {
+                tracing::warn!(volume.id = %volume, replica.addr = %probes[i].addr, error = %e, "cannot finish a snapshot removal; the replica is rebuilt");
+                member[i] = false;
+            }
+        }
     }
 }
 

@@ -45,6 +45,11 @@ use crate::units::{check_extent, ExtentError};
 /// volume; a flush of a large head can legitimately take seconds.
 pub const REPLICA_IO_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// How long one replica may take to merge snapshots away: a merge copies up
+/// to a snapshot's whole data, so such calls go over connections of their own
+/// with this timeout instead of [`REPLICA_IO_TIMEOUT`].
+pub const MERGE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Smallest unit of a request: the logical sector size.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -541,15 +546,11 @@ impl Volume {
         }
     }
 
-    /// Removes snapshot `name` on every replica. Refused during a rebuild.
+    /// Removes snapshot `name` on every replica
+    /// ([`Inner::remove_snapshots`]). Refused during a rebuild.
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), Error> {
         let _r = self.inner.no_rebuild()?;
-        self.inner
-            .control_all(|c| {
-                let n = name.to_owned();
-                async move { c.remove_snapshot(&n).await }
-            })
-            .await
+        self.inner.remove_snapshots(&[name.to_owned()]).await
     }
 
     /// Reverts every replica to snapshot `name`. The volume must not be in
@@ -581,6 +582,27 @@ impl Volume {
         self.inner.size.store(size, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// Runs `op` over a new connection to `addr` with `timeout`, once the
+/// replica has shown that it serves `volume`; the connection is closed after.
+pub(super) async fn over_fresh<T, F, Fut>(
+    volume: &str,
+    addr: &str,
+    timeout: Duration,
+    op: F,
+) -> Result<T, ClientError>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let c = Client::connect_with_timeout(addr, timeout).await?;
+    let r = match c.info_of(volume).await {
+        Ok(_) => op(c.clone()).await,
+        Err(e) => Err(e),
+    };
+    c.shutdown();
+    r
 }
 
 /// A replica a write goes to.
@@ -795,19 +817,40 @@ impl Inner {
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<(), ClientError>>,
     {
-        let targets: Vec<(usize, Client, bool)> = {
+        self.control_all_over(None, op).await
+    }
+
+    /// [`control_all`](Self::control_all); with `fresh`, each replica's call
+    /// goes over a new connection with that timeout ([`over_fresh`]), so
+    /// that a call far longer than I/O may take never looks like a dead
+    /// replica to the I/O path.
+    async fn control_all_over<F, Fut>(&self, fresh: Option<Duration>, op: F) -> Result<(), Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClientError>>,
+    {
+        let targets: Vec<(usize, Client, String, bool)> = {
             let slots = self.slots();
             slots
                 .iter()
                 .enumerate()
                 .filter(|(_, s)| s.mode != Mode::Failed)
-                .map(|(i, s)| (i, s.control(), s.mode == Mode::ReadWrite))
+                .map(|(i, s)| (i, s.control(), s.addr.clone(), s.mode == Mode::ReadWrite))
                 .collect()
         };
-        if !targets.iter().any(|t| t.2) {
+        if !targets.iter().any(|t| t.3) {
             return Err(Error::Faulted);
         }
-        let results = join_all(targets.iter().map(|(_, c, _)| op(c.clone()))).await;
+        let results = join_all(targets.iter().map(|(_, c, addr, _)| {
+            let op = &op;
+            async move {
+                match fresh {
+                    None => op(c.clone()).await,
+                    Some(t) => over_fresh(&self.name, addr, t, op).await,
+                }
+            }
+        }))
+        .await;
         let refusal = |r: &Result<(), ClientError>| match r {
             Err(ClientError::Remote { kind, message }) if is_refusal(*kind) => {
                 Some((*kind, message.clone()))
@@ -818,7 +861,7 @@ impl Inner {
             let (kind, message) = refusal(&results[0]).expect("all refused");
             return Err(Error::Refused { kind, message });
         }
-        for ((i, _, _), r) in targets.iter().zip(results) {
+        for ((i, ..), r) in targets.iter().zip(results) {
             if let Err(e) = r {
                 self.fail(*i, &e);
             }
@@ -828,6 +871,30 @@ impl Inner {
             return Err(Error::Faulted);
         }
         Ok(())
+    }
+
+    /// Removes the snapshots `names` (in that order) on every replica: marks
+    /// them removed on all, then merges them away on all, each call over a
+    /// fresh connection with [`MERGE_TIMEOUT`]. A removal cut short then
+    /// leaves a mark on every replica still holding a snapshot, and the next
+    /// engine finishes it at open (`startup`) rather than taking replicas
+    /// whose chains differ for stale.
+    pub(super) async fn remove_snapshots(&self, names: &[String]) -> Result<(), Error> {
+        self.control_all_over(Some(MERGE_TIMEOUT), |c| async move {
+            for n in names {
+                c.mark_removed(n).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        crate::failpoint!("engine.remove.marked");
+        self.control_all_over(Some(MERGE_TIMEOUT), |c| async move {
+            for n in names {
+                c.remove_snapshot(n).await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     pub(super) async fn snapshot_all(

@@ -67,6 +67,9 @@ pub struct Replica {
     /// `state`. Taking a snapshot and expanding need not wait: they touch
     /// only the head.
     structure: Mutex<()>,
+    /// The volume this replica was started for, when its server was told
+    /// (`--volume`); callers that name a volume are checked against it.
+    volume: Option<String>,
 }
 
 mod rebuild;
@@ -206,9 +209,30 @@ impl Replica {
             failed: Mutex::new(None),
             engine: Mutex::new(engine),
             structure: Mutex::new(()),
+            volume: None,
         };
         r.set_flags(|m| m.dirty = true)?;
         Ok(r)
+    }
+
+    /// Names the volume this replica serves, so that callers naming another
+    /// one are refused ([`Self::check_volume`]).
+    #[must_use]
+    pub fn for_volume(mut self, volume: &str) -> Self {
+        self.volume = Some(volume.to_owned());
+        self
+    }
+
+    /// Refuses a caller working for another volume than this replica's.
+    /// A replica not told its volume accepts every caller.
+    pub fn check_volume(&self, asked: &str) -> Result<()> {
+        match &self.volume {
+            Some(serving) if serving != asked => Err(Error::WrongVolume {
+                asked: asked.to_owned(),
+                serving: serving.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn create(dir: &Path, size: u64) -> Result<()> {
@@ -552,59 +576,80 @@ impl Replica {
         Ok(())
     }
 
-    /// Removes snapshot `name`: its data is merged into each child's holes so
-    /// that nothing any child shows changes, then its files are deleted.
-    ///
-    /// I/O waits only while the head is merged into or the chain's shape
-    /// changes. When every child is itself a snapshot the merge runs without
-    /// the state lock: a reader resolves blocks top-down and already sees,
-    /// through each child's holes, exactly the bytes copied into them, and
-    /// `structure` keeps out every operation that could change a snapshot
-    /// layer or the set of children meanwhile.
-    pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+    /// Marks snapshot `name` removed, the first step of its removal. The
+    /// engine marks a snapshot on every replica before it removes it on any
+    /// (`engine::volume`), so that a removal cut short anywhere leaves a mark
+    /// on every replica whose chain still holds the snapshot, and the next
+    /// engine finishes the removal instead of taking those replicas for stale.
+    pub fn mark_removed(&self, name: &str) -> Result<()> {
         self.check_ok()?;
         let _shape = lock(&self.structure);
         let mut st = self.write_state();
+        self.mark_removed_locked(&mut st, name).map(drop)
+    }
+
+    fn mark_removed_locked(&self, st: &mut State, name: &str) -> Result<DiskMeta> {
         let snap = meta::snap_file_name(name);
         let Some(mut smeta) = st.disks.get(&snap).cloned() else {
             return Err(Error::SnapshotNotFound { name: name.into() });
         };
+        if !smeta.removed {
+            smeta.removed = true;
+            write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&smeta))?;
+            st.disks.insert(snap, smeta.clone());
+        }
+        crate::failpoint!("remove.marked");
+        Ok(smeta)
+    }
+
+    /// Removes snapshot `name`: its data is merged into each child's holes so
+    /// that nothing any child shows changes, then its files are deleted.
+    ///
+    /// I/O waits only for one step of a merge into the head and while the
+    /// chain's shape changes. A merge into a child snapshot runs without the
+    /// state lock: a reader resolves blocks top-down and already sees,
+    /// through each child's holes, exactly the bytes copied into them, and
+    /// `structure` keeps out every operation that could change a snapshot
+    /// layer or the set of children meanwhile. A merge into the head goes
+    /// 1 MiB at a time ([`Self::merge_into_head`]).
+    pub fn remove_snapshot(&self, name: &str) -> Result<()> {
+        self.check_ok()?;
+        let _shape = lock(&self.structure);
+        let mut st = self.write_state();
         // 1. Mark it removed: if we crash after re-parenting the children,
         //    open() finishes the job instead of resurrecting it.
-        smeta.removed = true;
-        write_meta(&self.dir, &meta_name(&snap), &meta::encode_disk(&smeta))?;
-        st.disks.insert(snap.clone(), smeta.clone());
-        crate::failpoint!("remove.marked");
-
+        let smeta = self.mark_removed_locked(&mut st, name)?;
+        let snap = meta::snap_file_name(name);
         let size = st.meta.size;
-        let children: Vec<String> = st
-            .disks
-            .iter()
-            .filter(|(_, m)| m.parent == snap)
-            .map(|(f, _)| f.clone())
-            .collect();
+        let children = children_of(&st, &snap);
         let head = st.meta.head.clone();
         let head_layer = Arc::clone(st.chain.last().expect("chain has a head"));
-        // Held through the merge only when it writes into the head.
-        let held = children.contains(&head).then_some(st);
+        drop(st);
         let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
         let src_set = src.scan_extents(size).map_err(io_err(&snap))?;
         // 2. Copy what each child does not shadow, then make it durable.
+        let mut buf = Vec::new();
         for child in &children {
             let dst = if *child == head {
+                self.merge_into_head(&src, &src_set, &head_layer, &mut buf)
+                    .map_err(io_err(child))?;
                 Arc::clone(&head_layer)
             } else {
-                Arc::new(Layer::open(&self.dir.join(child)).map_err(io_err(child))?)
+                let dst = Arc::new(Layer::open(&self.dir.join(child)).map_err(io_err(child))?);
+                let dst_set = dst.scan_extents(size).map_err(io_err(child))?;
+                for r in src_set.ranges() {
+                    copy_holes(&src, r, &dst, &dst_set, &mut buf).map_err(io_err(child))?;
+                }
+                dst
             };
-            let dst_set = dst.scan_extents(size).map_err(io_err(child))?;
-            copy_missing(&src, &src_set, &dst, &dst_set).map_err(io_err(child))?;
             dst.sync().map_err(io_err(child))?;
             crate::failpoint!("remove.copied");
         }
-        let mut st = match held {
-            Some(st) => st,
-            None => self.write_state(),
-        };
+        let mut st = self.write_state();
+        // A snapshot taken during the merge renamed the head the merge wrote
+        // into (same inode, so merged and synced all the same): the children
+        // are read again under the lock.
+        let children = children_of(&st, &snap);
         // 3. Commit, child by child: it now descends from our parent.
         for child in &children {
             let mut cm = st.disks[child].clone();
@@ -625,6 +670,32 @@ impl Replica {
         }
         crate::failpoint!("remove.unlinked");
         self.reload(&mut st)
+    }
+
+    /// Copies what `src` holds into the holes of `head`, 1 MiB at a time,
+    /// each step under the state lock: I/O waits for one step, never for the
+    /// whole merge. Each step looks afresh at which blocks the head holds, so
+    /// nothing written meanwhile is overwritten. Until the removal commits,
+    /// reads of copied blocks still resolve to `src`: the same bytes.
+    fn merge_into_head(
+        &self,
+        src: &Layer,
+        src_set: &ExtentSet,
+        head: &Layer,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let step = MERGE_COPY_BYTES / BLOCK_SIZE;
+        for r in src_set.ranges() {
+            let mut b = r.start;
+            while b < r.end {
+                let e = r.end.min(b + step);
+                let _st = self.write_state();
+                let held = head.scan_extents_in(b * BLOCK_SIZE..e * BLOCK_SIZE)?;
+                copy_holes(src, b..e, head, &held, buf)?;
+                b = e;
+            }
+        }
+        Ok(())
     }
 
     /// Discards the head and starts a new, empty one on top of snapshot
@@ -1275,26 +1346,34 @@ fn write_zeros(layer: &Layer, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Copies `src`'s data into `dst` wherever `dst` has a hole.
-fn copy_missing(
+/// Copies the blocks of `r` (block numbers) that `dst_set` lacks from `src`
+/// into `dst`, at most [`MERGE_COPY_BYTES`] per read, through `buf`.
+fn copy_holes(
     src: &Layer,
-    src_set: &ExtentSet,
+    r: Range<u64>,
     dst: &Layer,
     dst_set: &ExtentSet,
+    buf: &mut Vec<u8>,
 ) -> io::Result<()> {
     let step = MERGE_COPY_BYTES / BLOCK_SIZE;
-    let mut buf = Vec::new();
-    for r in src_set.ranges() {
-        for hole in dst_set.holes(r) {
-            let mut b = hole.start;
-            while b < hole.end {
-                let e = hole.end.min(b + step);
-                buf.resize(usize::try_from((e - b) * BLOCK_SIZE).expect("<= 1 MiB"), 0);
-                src.read_at(&mut buf, b * BLOCK_SIZE)?;
-                dst.write_at(&buf, b * BLOCK_SIZE)?;
-                b = e;
-            }
+    for hole in dst_set.holes(r) {
+        let mut b = hole.start;
+        while b < hole.end {
+            let e = hole.end.min(b + step);
+            buf.resize(usize::try_from((e - b) * BLOCK_SIZE).expect("<= 1 MiB"), 0);
+            src.read_at(buf, b * BLOCK_SIZE)?;
+            dst.write_at(buf, b * BLOCK_SIZE)?;
+            b = e;
         }
     }
     Ok(())
+}
+
+/// File names of the layers whose parent is `snap`.
+fn children_of(st: &State, snap: &str) -> Vec<String> {
+    st.disks
+        .iter()
+        .filter(|(_, m)| m.parent == snap)
+        .map(|(f, _)| f.clone())
+        .collect()
 }

@@ -20,9 +20,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{ExtentPage, LayerInfo, ReplicaInfo, SnapshotSpec};
 use super::wire::{
-    self, ChecksumRequest, EpochRequest, ExpandRequest, ExtentsRequest, FrameError, IntentRequest,
-    LayerRange, NameRequest, Op, RebuildingRequest, RequestHeader, ResponseHeader, SetChainRequest,
-    SnapshotRequest, RESPONSE_HEADER_LEN,
+    self, ChecksumRequest, EpochRequest, ExpandRequest, ExtentsRequest, FrameError, InfoRequest,
+    IntentRequest, LayerRange, NameRequest, Op, RebuildingRequest, RequestHeader, ResponseHeader,
+    SetChainRequest, SnapshotRequest, RESPONSE_HEADER_LEN,
 };
 use crate::error::ErrorKind;
 
@@ -310,6 +310,15 @@ impl Client {
         self.control(Op::Info, &()).await
     }
 
+    /// [`Self::info`], refused (`FailedPrecondition`) by a replica started
+    /// for another volume than `volume`.
+    pub async fn info_of(&self, volume: &str) -> Result<ReplicaInfo, ClientError> {
+        let q = InfoRequest {
+            volume: volume.to_owned(),
+        };
+        self.control(Op::Info, &q).await
+    }
+
     /// Every layer.
     pub async fn list(&self) -> Result<Vec<LayerInfo>, ClientError> {
         self.control(Op::List, &()).await
@@ -342,6 +351,12 @@ impl Client {
     /// Removes snapshot `name`.
     pub async fn remove_snapshot(&self, name: &str) -> Result<(), ClientError> {
         self.control::<_, ()>(Op::RemoveSnapshot, &NameRequest { name: name.into() })
+            .await
+    }
+
+    /// Marks snapshot `name` removed, the first step of removing it.
+    pub async fn mark_removed(&self, name: &str) -> Result<(), ClientError> {
+        self.control::<_, ()>(Op::MarkRemoved, &NameRequest { name: name.into() })
             .await
     }
 

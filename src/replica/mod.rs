@@ -172,6 +172,15 @@ pub enum Error {
     /// A chain given to `set_chain` that does not fit this replica.
     #[error("bad chain: {0}")]
     BadChain(String),
+    /// The replica serves another volume than the one its caller works for
+    /// (a stale address, a port reused by another volume's replica).
+    #[error("this replica serves volume {serving:?}, not {asked:?}")]
+    WrongVolume {
+        /// The volume the caller named.
+        asked: String,
+        /// The volume this replica was started for.
+        serving: String,
+    },
     /// A Longhorn feature shorthorn does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -192,6 +201,7 @@ impl Error {
             Self::SizeMismatch { .. }
             | Self::Unsupported(_)
             | Self::SnapshotRemoving { .. }
+            | Self::WrongVolume { .. }
             | Self::NotRebuilding { .. } => ErrorKind::FailedPrecondition,
             Self::NotChainSnapshot { .. } => ErrorKind::NotFound,
             Self::BadChain(_) => ErrorKind::InvalidArgument,

@@ -21,9 +21,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::chain::Replica;
 use super::wire::{
-    self, ChecksumRequest, EpochRequest, ExpandRequest, ExtentsRequest, FrameError, IntentRequest,
-    LayerRange, NameRequest, Op, RebuildingRequest, RequestHeader, ResponseHeader, SetChainRequest,
-    SnapshotRequest, REQUEST_HEADER_LEN,
+    self, ChecksumRequest, EpochRequest, ExpandRequest, ExtentsRequest, FrameError, InfoRequest,
+    IntentRequest, LayerRange, NameRequest, Op, RebuildingRequest, RequestHeader, ResponseHeader,
+    SetChainRequest, SnapshotRequest, REQUEST_HEADER_LEN,
 };
 use crate::error::ErrorKind;
 
@@ -300,7 +300,15 @@ fn execute(r: &Replica, h: RequestHeader, payload: Vec<u8>) -> OpResult {
             .map(|()| Vec::new())
             .map_err(fail),
         Op::Flush => r.flush().map(|()| Vec::new()).map_err(fail),
-        Op::Info => json(&r.info()),
+        Op::Info => {
+            // Callers that ask no question send nothing or `null`.
+            if !payload.is_empty() {
+                if let Some(q) = parse::<Option<InfoRequest>>(&payload)? {
+                    r.check_volume(&q.volume).map_err(fail)?;
+                }
+            }
+            json(&r.info())
+        }
         Op::List => json(&r.list().map_err(fail)?),
         Op::Snapshot => {
             let q: SnapshotRequest = parse(&payload)?;
@@ -313,6 +321,12 @@ fn execute(r: &Replica, h: RequestHeader, payload: Vec<u8>) -> OpResult {
             let q: NameRequest = parse(&payload)?;
             info!(snapshot.name = %q.name, "remove snapshot");
             r.remove_snapshot(&q.name).map_err(fail)?;
+            Ok(Vec::new())
+        }
+        Op::MarkRemoved => {
+            let q: NameRequest = parse(&payload)?;
+            info!(snapshot.name = %q.name, "mark snapshot removed");
+            r.mark_removed(&q.name).map_err(fail)?;
             Ok(Vec::new())
         }
         Op::Revert => {

@@ -39,7 +39,8 @@ pub enum Op {
     Unmap = 3,
     /// Make everything acknowledged so far durable.
     Flush = 4,
-    /// Size, chain, revision, flags (JSON response).
+    /// Size, chain, revision, flags (optional JSON request naming the
+    /// caller's volume, see [`InfoRequest`]; JSON response).
     Info = 16,
     /// Every layer with sizes and timestamps (JSON response).
     List = 17,
@@ -72,6 +73,8 @@ pub enum Op {
     UpdateIntent = 30,
     /// CRC32C of a range of the volume's content (JSON request and response).
     Checksum = 31,
+    /// Mark a snapshot removed, the first step of removing it (JSON request).
+    MarkRemoved = 32,
 }
 
 impl Op {
@@ -98,6 +101,7 @@ impl Op {
             29 => Self::SetEpoch,
             30 => Self::UpdateIntent,
             31 => Self::Checksum,
+            32 => Self::MarkRemoved,
             _ => return None,
         })
     }
@@ -427,7 +431,16 @@ pub struct SnapshotRequest {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
-/// JSON body of [`Op::RemoveSnapshot`] and [`Op::Revert`].
+/// JSON body of [`Op::Info`]; an empty body asks no question.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfoRequest {
+    /// The caller's volume: a replica started for another one refuses the
+    /// request (`FailedPrecondition`).
+    pub volume: String,
+}
+
+/// JSON body of [`Op::RemoveSnapshot`], [`Op::MarkRemoved`] and [`Op::Revert`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NameRequest {
@@ -594,6 +607,7 @@ mod tests {
             Just(Op::SetEpoch),
             Just(Op::UpdateIntent),
             Just(Op::Checksum),
+            Just(Op::MarkRemoved),
         ]
     }
 

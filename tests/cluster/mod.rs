@@ -56,15 +56,18 @@ pub fn free_addr() -> String {
 
 /// Starts a replica of `size` bytes in `dir` listening on `addr`.
 pub fn spawn_replica(dir: &Path, size: u64, addr: &str) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-        .args([
-            "replica",
-            "--size",
-            &size.to_string(),
-            "--listen",
-            addr,
-            "--dir",
-        ])
+    spawn_replica_of(dir, size, addr, None)
+}
+
+/// [`spawn_replica`], told which volume it serves when `volume` is given.
+pub fn spawn_replica_of(dir: &Path, size: u64, addr: &str, volume: Option<&str>) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shorthorn"));
+    cmd.args(["replica", "--size", &size.to_string(), "--listen", addr]);
+    if let Some(v) = volume {
+        cmd.args(["--volume", v]);
+    }
+    let child = cmd
+        .arg("--dir")
         .arg(dir)
         .env("SHORTHORN_LOG", "warn")
         .stdout(Stdio::null())
@@ -76,12 +79,25 @@ pub fn spawn_replica(dir: &Path, size: u64, addr: &str) -> Proc {
 /// [`spawn_replica`], then waits until it accepts connections.
 pub fn start_replica_at(dir: &Path, size: u64, addr: &str) -> Proc {
     let p = spawn_replica(dir, size, addr);
+    wait_listening(addr);
+    p
+}
+
+/// A replica of volume `volume` on a free address, up.
+pub fn start_replica_of(dir: &Path, size: u64, volume: &str) -> (Proc, String) {
+    let addr = free_addr();
+    let p = spawn_replica_of(dir, size, &addr, Some(volume));
+    wait_listening(&addr);
+    (p, addr)
+}
+
+/// Waits until something accepts connections on `addr`.
+pub fn wait_listening(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "replica at {addr} never came up");
+        assert!(Instant::now() < deadline, "nothing ever listened on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    p
 }
 
 /// [`start_replica_at`] on a free address.
@@ -138,6 +154,24 @@ pub fn replica_digest(dir: &Path, size: u64) -> Vec<u8> {
         off += n as u64;
     }
     h.finalize().to_vec()
+}
+
+/// Flushes, closes the (in-process) engine, stops the replicas cleanly and
+/// checks they all hold the same volume.
+pub async fn stop_and_compare(
+    v: shorthorn::engine::Volume,
+    procs: Vec<Proc>,
+    dirs: &[std::path::PathBuf],
+    size: u64,
+    what: &str,
+) {
+    v.flush().await.unwrap();
+    drop(v);
+    for p in procs {
+        p.stop();
+    }
+    let d: Vec<_> = dirs.iter().map(|d| replica_digest(d, size)).collect();
+    assert!(d.windows(2).all(|w| w[0] == w[1]), "{what}");
 }
 
 /// `shorthorn engine-ctl --addr control ARGS...`.

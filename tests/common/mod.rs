@@ -28,10 +28,18 @@ pub fn content(block: u64, tag: u32) -> Vec<u8> {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Write { block: u64, count: u64 },
-    Unmap { block: u64, count: u64 },
+    Write {
+        block: u64,
+        count: u64,
+    },
+    Unmap {
+        block: u64,
+        count: u64,
+    },
     Snapshot,
     Remove(usize),
+    /// The first step of a removal only (an engine that died after it).
+    Mark(usize),
     Revert(usize),
     Reopen,
     Flush,
@@ -65,6 +73,7 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
     let mut r = Replica::open(&path, Some(SIZE)).expect("create");
     let mut model = Model::new();
     let mut snaps: BTreeMap<String, Model> = BTreeMap::new();
+    let mut marked = std::collections::BTreeSet::new();
     let mut tag = 0u32;
     let mut nsnap = 0u32;
     for op in ops {
@@ -97,13 +106,22 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
                 };
                 r.remove_snapshot(&name).expect("remove");
                 snaps.remove(&name);
+                marked.remove(&name);
+            }
+            Op::Mark(i) => {
+                let Some(name) = snaps.keys().nth(i % snaps.len().max(1)).cloned() else {
+                    continue;
+                };
+                r.mark_removed(&name).expect("mark removed");
+                marked.insert(name);
             }
             Op::Revert(i) => {
-                let Some((name, m)) = snaps.iter().nth(i % snaps.len().max(1)) else {
+                let live: Vec<_> = snaps.iter().filter(|(n, _)| !marked.contains(*n)).collect();
+                let Some((name, m)) = live.get(i % live.len().max(1)) else {
                     continue;
                 };
                 r.revert(name).expect("revert");
-                model = m.clone();
+                model = (*m).clone();
             }
             Op::Reopen => {
                 r.close().expect("close");
@@ -112,6 +130,13 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
             }
             Op::Flush => r.flush().expect("flush"),
         }
+        forget_finished(&r, &mut snaps, &mut marked);
+        check(&r, &model);
+    }
+    // A marked snapshot is removed all the same when asked again.
+    for name in std::mem::take(&mut marked) {
+        r.remove_snapshot(&name).expect("finishing a removal");
+        snaps.remove(&name);
         check(&r, &model);
     }
     // Every snapshot still present shows exactly what it showed when taken,
@@ -132,4 +157,29 @@ pub fn run_in(parent: &Path, ops: Vec<Op>) {
     want.sort();
     got.sort();
     assert_eq!(got, want, "listed snapshots");
+}
+
+/// Reloading the chain (at open, after a revert or a removal) finishes the
+/// removal of marked snapshots nothing depends on; only marked ones may be
+/// gone.
+fn forget_finished(
+    r: &Replica,
+    snaps: &mut BTreeMap<String, Model>,
+    marked: &mut std::collections::BTreeSet<String>,
+) {
+    let listed: Vec<String> = r
+        .list()
+        .expect("list")
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    snaps.retain(|name, _| {
+        let kept = listed.contains(name);
+        assert!(
+            kept || marked.contains(name),
+            "unmarked snapshot {name} vanished"
+        );
+        kept
+    });
+    marked.retain(|name| snaps.contains_key(name));
 }
