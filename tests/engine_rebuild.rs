@@ -817,3 +817,41 @@ async fn a_snapshot_removal_slower_than_the_io_timeout_fails_no_replica() {
     }
     stop_and_compare(v, procs, &dirs, SIZE, "replicas differ after the removal").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_an_engine_crash_cut_short_is_completed_as_it_was_taken() {
+    use shorthorn::replica::client::Client;
+
+    let root = tempfile::tempdir().unwrap();
+    let (dirs, procs, addrs) = start_three(root.path());
+    let v = Volume::open("vol", SIZE, &addrs).await.unwrap();
+    for b in 0..16 {
+        v.write(b * 4096, Bytes::from(content(b, 1))).await.unwrap();
+    }
+    v.flush().await.unwrap();
+    drop(v);
+    // The engine died after two of the three replicas took a system
+    // snapshot with labels.
+    let labels: BTreeMap<String, String> = [("backup".to_owned(), "nightly".to_owned())].into();
+    for a in &addrs[..2] {
+        let c = Client::connect(a).await.unwrap();
+        c.snapshot_as("s1", false, labels.clone()).await.unwrap();
+    }
+    let v = Volume::open("vol", SIZE, &addrs).await.unwrap();
+    let st = v.status();
+    assert!(
+        st.replicas.iter().all(|r| r.mode == Mode::ReadWrite),
+        "{st:?}"
+    );
+    let c = Client::connect(&addrs[2]).await.unwrap();
+    let s1 = c
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.name == "s1")
+        .expect("the third replica took the snapshot");
+    assert!(!s1.user_created, "{s1:?}");
+    assert_eq!(s1.labels, labels);
+    stop_and_compare(v, procs, &dirs, SIZE, "replicas differ").await;
+}

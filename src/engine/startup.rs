@@ -158,14 +158,17 @@ impl Volume {
             }
         }
         finish_removals(name, &mut probes, &mut member).await;
-        // Chains: the longest wins; one snapshot short is completed.
-        let canonical = probes
+        // Chains: the longest wins; one snapshot short is completed, taken
+        // the way the others took it (at a user's request or not, labels).
+        let longest = probes
             .iter()
-            .zip(&member)
-            .filter(|(_, m)| **m)
-            .map(|(p, _)| snapshots(&p.info))
-            .max_by_key(Vec::len)
+            .enumerate()
+            .filter(|(i, _)| member[*i])
+            .max_by_key(|(_, p)| p.info.chain.len())
+            .map(|(i, _)| i)
             .ok_or(Error::NoConsistentReplica)?;
+        let canonical = snapshots(&probes[longest].info);
+        let mut taken_as = None;
         for (i, p) in probes.iter().enumerate() {
             if !member[i] {
                 continue;
@@ -178,8 +181,24 @@ impl Volume {
             let short_by_one = chain.len() + 1 == canonical.len() && canonical.starts_with(&chain);
             let completed = match last {
                 Some(snap) if short_by_one => {
-                    tracing::warn!(volume.id = %name, replica.addr = %p.addr, snapshot = snap, "completing an interrupted snapshot");
-                    p.conns[0].snapshot(snap, Default::default()).await.is_ok()
+                    if taken_as.is_none() {
+                        taken_as = probes[longest].conns[0]
+                            .list()
+                            .await
+                            .ok()
+                            .and_then(|l| l.into_iter().find(|l| l.name == snap))
+                            .map(|l| (l.user_created, l.labels));
+                    }
+                    match &taken_as {
+                        Some((user_created, labels)) => {
+                            tracing::warn!(volume.id = %name, replica.addr = %p.addr, snapshot = snap, "completing an interrupted snapshot");
+                            p.conns[0]
+                                .snapshot_as(snap, *user_created, labels.clone())
+                                .await
+                                .is_ok()
+                        }
+                        None => false,
+                    }
                 }
                 _ => false,
             };
