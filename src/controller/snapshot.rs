@@ -52,7 +52,25 @@ impl Controller {
                 .map_err(|e| agent_failed(node, &e));
         }
         // Every replica must take part: one left without the layer would
-        // have a chain the others do not share.
+        // have a chain the others do not share. A removal first marks the
+        // layer removed on all of them and merges it away on none until
+        // every one is marked: cut short, it leaves either nothing removed
+        // or a mark on every replica still holding the layer, which the
+        // next engine (or a retry) finishes.
+        if remove {
+            self.on_every_replica(v, snapshot, true, true).await?;
+        }
+        self.on_every_replica(v, snapshot, remove, false).await
+    }
+
+    /// One `ReplicaSnapshot` call per replica of `v`, side by side.
+    async fn on_every_replica(
+        &self,
+        v: &VolumeRecord,
+        snapshot: &str,
+        remove: bool,
+        mark_only: bool,
+    ) -> Result<(), Status> {
         let calls = v.replicas.iter().map(|rep| async move {
             self.agent(&rep.node)
                 .await?
@@ -62,6 +80,7 @@ impl Controller {
                     snapshot: snapshot.to_owned(),
                     remove,
                     labels: HashMap::new(),
+                    mark_only,
                 })
                 .await
                 .map(drop)

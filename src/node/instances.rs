@@ -957,20 +957,16 @@ impl Instances {
         Ok(())
     }
 
-    /// Takes (or with `remove`, removes) snapshot `snapshot` on resting
+    /// Takes, marks removed or removes snapshot `snapshot` on resting
     /// replica `name` of `volume`; done already is success.
     pub async fn replica_snapshot(
         &self,
         volume: &str,
         name: &str,
         snapshot: &str,
-        remove: bool,
-        labels: BTreeMap<String, String>,
+        op: SnapshotOp,
     ) -> Result<(), Error> {
-        let what = format!(
-            "{} snapshot {snapshot} on replica {name} of {volume}",
-            if remove { "removing" } else { "taking" }
-        );
+        let what = format!("{op} snapshot {snapshot} on replica {name} of {volume}");
         let c = self.replica_client(volume, name, &what).await?;
         let r = async {
             let present = c
@@ -978,9 +974,10 @@ impl Instances {
                 .await?
                 .iter()
                 .any(|l| l.name == snapshot && !l.head);
-            match (remove, present) {
-                (false, false) => c.snapshot(snapshot, labels).await,
-                (true, true) => c.remove_snapshot(snapshot).await,
+            match (&op, present) {
+                (SnapshotOp::Take(labels), false) => c.snapshot(snapshot, labels.clone()).await,
+                (SnapshotOp::MarkRemoved, true) => c.mark_removed(snapshot).await,
+                (SnapshotOp::Remove, true) => c.remove_snapshot(snapshot).await,
                 _ => Ok(()),
             }
         }
@@ -988,7 +985,7 @@ impl Instances {
         .map_err(|e| replica_refused(&what, &e));
         c.shutdown();
         r?;
-        tracing::info!(volume.id = %volume, replica = %name, snapshot, remove, "replica snapshot");
+        tracing::info!(volume.id = %volume, replica = %name, snapshot, op = %op, "replica snapshot");
         Ok(())
     }
 
@@ -1194,5 +1191,26 @@ impl Instances {
     /// The engine of `volume`, if this node runs one.
     pub fn engine(&self, volume: &str) -> Option<InstanceInfo> {
         self.get(&key(Kind::Engine, volume, "engine"))
+    }
+}
+
+/// What [`Instances::replica_snapshot`] does with the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotOp {
+    /// Take it, with these labels.
+    Take(BTreeMap<String, String>),
+    /// Mark it removed: the first step of removing it from every replica.
+    MarkRemoved,
+    /// Merge it away (marking it first if it is not yet).
+    Remove,
+}
+
+impl std::fmt::Display for SnapshotOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Take(_) => "taking",
+            Self::MarkRemoved => "marking removed",
+            Self::Remove => "removing",
+        })
     }
 }

@@ -35,7 +35,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{agent, manager};
 use crate::csi;
-use instances::Instances;
+use instances::{Instances, SnapshotOp};
 
 /// How long in-flight calls may finish once the node is told to stop.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -430,8 +430,11 @@ impl agent::agent_server::Agent for Arc<Node> {
                 &r.volume_id,
                 &r.replica_name,
                 &r.snapshot,
-                r.remove,
-                r.labels.into_iter().collect(),
+                match (r.remove, r.mark_only) {
+                    (false, _) => SnapshotOp::Take(r.labels.into_iter().collect()),
+                    (true, true) => SnapshotOp::MarkRemoved,
+                    (true, false) => SnapshotOp::Remove,
+                },
             )
             .await
             .map_err(|e| status(&e))?;

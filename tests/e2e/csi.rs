@@ -1954,3 +1954,45 @@ async fn rec_source(c: &mut Ctl, vol: &str) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// A detached volume's snapshot is removed in two steps: marked removed on
+/// every replica, then merged away. A DeleteSnapshot that cannot reach one
+/// replica's node merges it away nowhere (the replicas' chains stay alike
+/// for the next engine), and a retry once the node is back removes it from
+/// every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_snapshot_deleted_with_a_node_down_is_removed_nowhere_until_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster(dir.path()).await;
+    let vol = "pvc-snap-detached";
+    c.controller()
+        .create_volume(create_req(vol, (64 * MIB) as i64, &[]))
+        .await
+        .unwrap();
+    let s = snapshot(&c, "snapshot-detached", vol).await.unwrap();
+    let layer = format!("volume-snap-{}.img", s.snapshot_id);
+    let holding = |c: &Ctl| {
+        c.replica_dirs(vol)
+            .iter()
+            .filter(|d| d.join(&layer).exists())
+            .count()
+    };
+    assert_eq!(holding(&c), 3);
+    let down = replica_nodes(&c.record(vol).await)[2];
+    c.nodes[down].kill_with_replicas();
+    let e = delete_snapshot(&c, &s.snapshot_id).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(
+        holding(&c),
+        3,
+        "merged away on the replicas it reached: their chains now differ"
+    );
+    c.nodes[down].restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while let Err(e) = delete_snapshot(&c, &s.snapshot_id).await {
+        assert!(std::time::Instant::now() < deadline, "never deleted: {e:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(holding(&c), 0);
+    delete_volume(&c, vol).await.unwrap();
+}
