@@ -570,14 +570,13 @@ async fn run_replica(a: ReplicaArgs) -> Result<()> {
     let _g = span.enter();
     let dir = a.dir.clone();
     let size = a.size;
-    let volume = a.volume.clone();
     let r = tokio::task::spawn_blocking(move || Replica::open(&dir, size))
         .await?
         .with_context(|| format!("opening replica in {}", a.dir.display()))?;
-    let r = if volume.is_empty() {
+    let r = if a.volume.is_empty() {
         r
     } else {
-        r.for_volume(&volume)
+        r.for_volume(&a.volume)
     };
     let r = Arc::new(r);
     let listener = tokio::net::TcpListener::bind(&a.listen)

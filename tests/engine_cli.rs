@@ -21,11 +21,7 @@ fn start_engine(replicas: &[String], control: &str, metrics: &str) -> Proc {
         cmd.args(["--replica", r]);
     }
     let p = Proc(cmd.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(control).is_err() {
-        assert!(Instant::now() < deadline, "engine never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cluster::wait_listening(control);
     p
 }
 
@@ -192,11 +188,7 @@ async fn a_rebuild_interrupted_by_an_engine_kill_is_redone_not_promoted() {
     .args(["--replica", &addrs[0], "--replica", &addrs[1]])
     .env("SHORTHORN_LOG", "warn");
     let engine = Proc(cmd.spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(&control).is_err() {
-        assert!(Instant::now() < deadline, "engine never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    cluster::wait_listening(&control);
     ctl_json(&control, &["add-replica", &addrs[2]]);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -249,6 +249,7 @@ impl Volume {
 /// chains agree again; a member that cannot finish one is a member no more
 /// (it is rebuilt).
 async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]) {
+    let mut failed = Vec::new();
     let lists = join_all(probes.iter().zip(member.iter()).map(|(p, m)| async move {
         match m {
             true => Some(p.conns[0].list().await),
@@ -256,49 +257,51 @@ async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]
         }
     }))
     .await;
-    let marked: BTreeSet<String> = lists
+    let mut layers = vec![Vec::new(); probes.len()];
+    for (i, list) in lists.into_iter().enumerate() {
+        match list {
+            Some(Ok(l)) => layers[i] = l,
+            Some(Err(e)) => failed.push((i, format!("listing snapshots: {e}"))),
+            None => {}
+        }
+    }
+    let marked: BTreeSet<&str> = layers
         .iter()
         .flatten()
-        .flatten()
-        .flatten()
         .filter(|l| l.removed)
-        .map(|l| l.name.clone())
+        .map(|l| l.name.as_str())
         .collect();
-    let work = probes.iter().zip(lists).map(|(p, list)| {
-        let marked = &marked;
-        async move {
-            let held: Vec<String> = match list? {
-                Err(e) => return Some(Err(format!("listing snapshots: {e}"))),
-                Ok(layers) => layers
-                    .into_iter()
-                    .filter(|l| !l.head && marked.contains(&l.name))
-                    .map(|l| l.name)
-                    .collect(),
-            };
-            if held.is_empty() {
-                return Some(Ok(None));
-            }
-            tracing::warn!(volume.id = %volume, replica.addr = %p.addr, snapshots = ?held, "finishing an interrupted snapshot removal");
-            let done = over_fresh(volume, &p.addr, MERGE_TIMEOUT, |c| async move {
-                for n in &held {
+    let work = layers.iter().enumerate().filter_map(|(i, l)| {
+        let held: Vec<&str> = l
+            .iter()
+            .filter(|l| !l.head && marked.contains(l.name.as_str()))
+            .map(|l| l.name.as_str())
+            .collect();
+        if held.is_empty() {
+            return None;
+        }
+        let addr = &probes[i].addr;
+        tracing::warn!(volume.id = %volume, replica.addr = %addr, snapshots = ?held, "finishing an interrupted snapshot removal");
+        Some(async move {
+            let done = over_fresh(volume, addr, MERGE_TIMEOUT, |c| async move {
+                for n in held {
                     c.remove_snapshot(n).await?;
                 }
                 c.info_of(volume).await
             })
             .await;
-            Some(done.map(Some).map_err(|e| e.to_string()))
-        }
+            (i, done)
+        })
     });
-    let results = join_all(work).await;
-    for (i, r) in results.into_iter().enumerate() {
-        match r {
-            None | Some(Ok(None)) => {}
-            Some(Ok(Some(info))) => probes[i].info = info,
-            Some(Err(e)) => {
-                tracing::warn!(volume.id = %volume, replica.addr = %probes[i].addr, error = %e, "cannot finish a snapshot removal; the replica is rebuilt");
-                member[i] = false;
-            }
+    for (i, done) in join_all(work).await {
+        match done {
+            Ok(info) => probes[i].info = info,
+            Err(e) => failed.push((i, e.to_string())),
         }
+    }
+    for (i, why) in failed {
+        tracing::warn!(volume.id = %volume, replica.addr = %probes[i].addr, error = %why, "cannot finish a snapshot removal; the replica is rebuilt");
+        member[i] = false;
     }
 }
 
