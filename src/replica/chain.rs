@@ -672,11 +672,14 @@ impl Replica {
         self.reload(&mut st)
     }
 
-    /// Copies what `src` holds into the holes of `head`, 1 MiB at a time,
-    /// each step under the state lock: I/O waits for one step, never for the
-    /// whole merge. Each step looks afresh at which blocks the head holds, so
-    /// nothing written meanwhile is overwritten. Until the removal commits,
-    /// reads of copied blocks still resolve to `src`: the same bytes.
+    /// Copies what `src` holds into the holes of `head`, 1 MiB at a time.
+    /// Each step reads `src` (a snapshot: it does not change) without the
+    /// state lock, then, under it, looks afresh at which blocks the head
+    /// holds and writes only the holes, so nothing written meanwhile is
+    /// overwritten. I/O waits for one step's writes, never for the merge,
+    /// and the unlocked read between steps lets waiting I/O in (re-taking
+    /// the lock at once would starve it). Until the removal commits, reads
+    /// of copied blocks still resolve to `src`: the same bytes.
     fn merge_into_head(
         &self,
         src: &Layer,
@@ -685,13 +688,21 @@ impl Replica {
         buf: &mut Vec<u8>,
     ) -> io::Result<()> {
         let step = MERGE_COPY_BYTES / BLOCK_SIZE;
+        let at = |block: u64| usize::try_from(block * BLOCK_SIZE).expect("<= 1 MiB");
         for r in src_set.ranges() {
             let mut b = r.start;
             while b < r.end {
                 let e = r.end.min(b + step);
+                buf.resize(at(e - b), 0);
+                src.read_at(buf, b * BLOCK_SIZE)?;
                 let _st = self.write_state();
                 let held = head.scan_extents_in(b * BLOCK_SIZE..e * BLOCK_SIZE)?;
-                copy_holes(src, b..e, head, &held, buf)?;
+                for hole in held.holes(b..e) {
+                    head.write_at(
+                        &buf[at(hole.start - b)..at(hole.end - b)],
+                        hole.start * BLOCK_SIZE,
+                    )?;
+                }
                 b = e;
             }
         }
