@@ -353,19 +353,17 @@ fn crash_point_in_create() {
     r.check_index().unwrap();
 }
 
-/// An engine dies in the middle of removing a snapshot: it had marked the
-/// snapshot removed on every replica, and one replica had already merged it
-/// away. The next engine finishes the removal on the others; it does not
-/// take the replica whose chain differs for stale and rebuild it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_snapshot_removal_is_finished_at_open_not_rebuilt() {
-    use shorthorn::engine::{Health, Mode, Volume};
+const VSIZE: u64 = 32 << 20;
 
-    const VSIZE: u64 = 32 << 20;
-    let root = tempfile::tempdir().unwrap();
-    let r = cluster::start_replicas(root.path(), 3, VSIZE);
-    let (procs, dirs, addrs) = (r.procs, r.dirs, r.addrs);
-    let v = Volume::open("vol", VSIZE, &addrs).await.unwrap();
+/// Three replicas under `root` with snapshots s1 and s2, and an engine that
+/// died removing s1 after marking it removed on every replica, when only the
+/// first replica had merged it away. Returns the replicas and what the
+/// volume reads.
+async fn engine_died_removing_s1(root: &Path) -> (cluster::Replicas, Vec<u8>) {
+    use shorthorn::engine::Volume;
+
+    let r = cluster::start_replicas(root, 3, VSIZE);
+    let v = Volume::open("vol", VSIZE, &r.addrs).await.unwrap();
     for i in 0..8u8 {
         v.write(u64::from(i) << 20, Bytes::from(vec![i + 1; 1 << 20]))
             .await
@@ -389,7 +387,7 @@ async fn an_interrupted_snapshot_removal_is_finished_at_open_not_rebuilt() {
         .env("SHORTHORN_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    for a in &addrs {
+    for a in &r.addrs {
         cmd.args(["--replica", a]);
     }
     let mut engine = Proc(cmd.spawn().unwrap());
@@ -402,24 +400,31 @@ async fn an_interrupted_snapshot_removal_is_finished_at_open_not_rebuilt() {
         Some(libc::SIGABRT),
         "failpoint not hit ({status})"
     );
-    let layers = |addr: &str| {
-        let addr = addr.to_owned();
-        async move { Client::connect(&addr).await.unwrap().list().await.unwrap() }
-    };
-    for a in &addrs {
+    for a in &r.addrs {
         let l = layers(a).await;
         let s1 = l.iter().find(|l| l.name == "s1").expect("s1 still there");
         assert!(s1.removed, "{a}: s1 not marked removed");
     }
     // The first replica had finished its part before the engine died.
-    Client::connect(&addrs[0])
+    Client::connect(&r.addrs[0])
         .await
         .unwrap()
         .remove_snapshot("s1")
         .await
         .unwrap();
+    (r, want)
+}
 
-    let v = Volume::open("vol", VSIZE, &addrs).await.unwrap();
+async fn layers(addr: &str) -> Vec<shorthorn::replica::chain::LayerInfo> {
+    Client::connect(addr).await.unwrap().list().await.unwrap()
+}
+
+/// The volume opened on `addrs` serves every replica read-write, none
+/// rebuilt, and reads `want`.
+async fn open_healthy(addrs: &[String], want: &[u8]) -> shorthorn::engine::Volume {
+    use shorthorn::engine::{Health, Mode, Volume};
+
+    let v = Volume::open("vol", VSIZE, addrs).await.unwrap();
     let st = v.status();
     assert_eq!(st.health, Health::Healthy, "{st:?}");
     assert!(
@@ -428,13 +433,58 @@ async fn an_interrupted_snapshot_removal_is_finished_at_open_not_rebuilt() {
             .all(|r| r.mode == Mode::ReadWrite && r.rebuild.is_none()),
         "a replica is rebuilt: {st:?}"
     );
-    for a in &addrs {
+    assert!(read_all(&v, VSIZE).await == want, "content changed");
+    v
+}
+
+/// An engine dies in the middle of removing a snapshot: it had marked the
+/// snapshot removed on every replica, and one replica had already merged it
+/// away. The next engine finishes the removal on the others; it does not
+/// take the replica whose chain differs for stale and rebuild it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_removal_is_finished_at_open_not_rebuilt() {
+    let root = tempfile::tempdir().unwrap();
+    let (r, want) = engine_died_removing_s1(root.path()).await;
+
+    let v = open_healthy(&r.addrs, &want).await;
+    for a in &r.addrs {
         let names: Vec<String> = layers(a).await.into_iter().map(|l| l.name).collect();
         assert!(!names.contains(&"s1".to_owned()), "{a}: {names:?}");
         assert!(names.contains(&"s2".to_owned()), "{a}: {names:?}");
     }
-    assert!(read_all(&v, VSIZE).await == want, "content changed");
-    cluster::stop_and_compare(v, procs, &dirs, VSIZE, "replicas differ").await;
+    cluster::stop_and_compare(v, r.procs, &r.dirs, VSIZE, "replicas differ").await;
+}
+
+/// The same, but the disk is too full to finish the removal at open: the
+/// volume opens all the same, the replicas still holding the snapshot
+/// serving with it marked, none rebuilt (a marked snapshot changes nothing a
+/// reader sees, so their chains agree with the first one's). Once there is
+/// room, the next open finishes the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_removal_no_disk_has_room_to_finish_leaves_the_volume_serving() {
+    let disk = cluster::common::SmallDisk::new(64 << 20);
+    let (r, want) = engine_died_removing_s1(disk.path()).await;
+    disk.fill_leaving(1 << 20);
+
+    let v = open_healthy(&r.addrs, &want).await;
+    for a in &r.addrs[1..] {
+        let l = layers(a).await;
+        assert!(l.iter().any(|l| l.name == "s1" && l.removed), "{a}: {l:?}");
+    }
+    v.write(16 << 20, Bytes::from(vec![0x33; 64 << 10]))
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    let want = read_all(&v, VSIZE).await;
+    drop(v);
+
+    disk.unfill();
+    let v = open_healthy(&r.addrs, &want).await;
+    for a in &r.addrs {
+        let names: Vec<String> = layers(a).await.into_iter().map(|l| l.name).collect();
+        assert_eq!(names.iter().filter(|n| *n == "s1").count(), 0, "{a}: {names:?}");
+    }
+    cluster::stop_and_compare(v, r.procs, &r.dirs, VSIZE, "replicas differ").await;
 }
 
 async fn read_all(v: &shorthorn::engine::Volume, size: u64) -> Vec<u8> {

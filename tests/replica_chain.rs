@@ -1,6 +1,8 @@
-//! A chain of 1,000 snapshots: it works, it reopens, and reading a block
-//! that lives in the bottom layer touches that one layer once (the index
-//! resolves it in one lookup instead of probing the layers above).
+//! Snapshot chains: a chain of 1,000 snapshots works, reopens, and reading a
+//! block that lives in the bottom layer touches that one layer once (the
+//! index resolves it in one lookup instead of probing the layers above);
+//! removing a snapshot holds no I/O and is refused when the disk lacks room
+//! to merge it.
 
 #![allow(clippy::cast_possible_truncation)] // test arithmetic on small, known sizes
 
@@ -8,6 +10,8 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use shorthorn::replica::Replica;
+
+mod common;
 
 const SNAPSHOTS: u64 = 1000;
 const SIZE: u64 = 64 << 20;
@@ -244,4 +248,65 @@ fn io_goes_on_while_a_snapshot_merges(into_head: bool) {
     drop(r);
     let r = Replica::open(dir.path(), None).unwrap();
     check(&r, "after reopening");
+}
+
+/// A snapshot whose merge would not fit on the disk is not removed, and the
+/// attempt takes nothing: no byte of the disk's free space, no mark, no
+/// change to what any layer shows. With room made, the same removal goes.
+#[test]
+fn removing_a_snapshot_without_room_to_merge_it_is_refused_and_changes_nothing() {
+    use shorthorn::error::ErrorKind;
+    use shorthorn::replica::Error;
+
+    let disk = common::SmallDisk::new(24 << 20);
+    let r = Replica::open(disk.path(), Some(SIZE)).unwrap();
+    // "old": 6 MiB; "newer": 2 MiB over it; the head: 1 MiB beside that.
+    r.write(0, &vec![1u8; 6 << 20]).unwrap();
+    r.snapshot("old", true, BTreeMap::new()).unwrap();
+    r.write(0, &vec![2u8; 2 << 20]).unwrap();
+    r.snapshot("newer", true, BTreeMap::new()).unwrap();
+    r.write(2 << 20, &vec![3u8; 1 << 20]).unwrap();
+    r.flush().unwrap();
+    let read_all = || {
+        let mut buf = vec![0u8; 8 << 20];
+        r.read(0, &mut buf).unwrap();
+        buf
+    };
+    let want = read_all();
+    disk.fill_leaving(1 << 20);
+    let free = || nix::sys::statvfs::statvfs(disk.path()).unwrap().blocks_available();
+    let layers = || -> Vec<(String, u64, bool)> {
+        r.list()
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.name, l.allocated_bytes, l.removed))
+            .collect()
+    };
+    // Merging "old" into "newer" needs the 4 MiB "newer" lacks; merging
+    // "newer" into the head the 2 MiB the head lacks. 1 MiB is free.
+    for (name, needs) in [("old", 4u64 << 20), ("newer", 2 << 20)] {
+        let (before, free_before) = (layers(), free());
+        match r.remove_snapshot(name) {
+            Err(e @ Error::NoRoomToMerge { needed, .. }) => {
+                assert_eq!(needed, needs, "{e}");
+                assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+                assert!(e.to_string().contains("free disk space"), "{e}");
+            }
+            other => panic!("removing {name}: {other:?}"),
+        }
+        assert_eq!(layers(), before, "the refused removal of {name} changed a layer");
+        assert_eq!(free(), free_before, "the refused removal of {name} took space");
+        assert_eq!(read_all(), want);
+    }
+    // The volume's own writes still find the space left.
+    r.write(4 << 20, &vec![4u8; 256 << 10]).unwrap();
+    r.flush().unwrap();
+    let want = read_all();
+    disk.unfill();
+    for name in ["old", "newer"] {
+        r.remove_snapshot(name).unwrap();
+        assert_eq!(read_all(), want, "after removing {name}");
+    }
+    assert_eq!(layers().len(), 1, "only the head is left: {:?}", layers());
+    r.check_index().unwrap();
 }

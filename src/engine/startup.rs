@@ -12,10 +12,11 @@
 //!    epoch behind missed only the recording of the last epoch (a crash
 //!    half-way through it), not data.
 //! 4. A snapshot removal an engine crash cut short is finished on every
-//!    member still holding the snapshot (`finish_removals`). Then members
-//!    whose chain differs from the longest one only by its last
-//!    snapshot missed the end of a snapshot; they take it now. Any other
-//!    difference makes a replica stale: it is rebuilt.
+//!    member still holding the snapshot (`finish_removals`); a member that
+//!    cannot finish keeps the marked snapshot, which chains are compared
+//!    without. Then members whose chain differs from the longest one only
+//!    by its last snapshot missed the end of a snapshot; they take it now.
+//!    Any other difference makes a replica stale: it is rebuilt.
 //! 5. The union of the members' write-intent regions is compared region by
 //!    region (CRC32C of the content) and the regions that differ are copied
 //!    from one member to the others; then everything is flushed and the
@@ -59,9 +60,17 @@ pub(super) async fn probe(
     Ok((conns, info))
 }
 
-/// Snapshot file names below the head, bottom first.
-fn snapshots(info: &ReplicaInfo) -> Vec<String> {
-    info.chain.iter().skip(1).rev().cloned().collect()
+/// Snapshot file names below the head, bottom first, but for those marked
+/// removed (`marked`): they change nothing a reader sees, and a member may
+/// keep one that it could not finish removing.
+fn snapshots(info: &ReplicaInfo, marked: &BTreeSet<String>) -> Vec<String> {
+    info.chain
+        .iter()
+        .skip(1)
+        .rev()
+        .filter(|f| !marked.contains(*f))
+        .cloned()
+        .collect()
 }
 
 impl Volume {
@@ -157,23 +166,23 @@ impl Volume {
                     usable(p) && rec.members.contains(&p.addr) && p.info.engine.epoch + 1 >= top;
             }
         }
-        finish_removals(name, &mut probes, &mut member).await;
+        let marked = finish_removals(name, &mut probes, &mut member).await;
         // Chains: the longest wins; one snapshot short is completed, taken
         // the way the others took it (at a user's request or not, labels).
         let longest = probes
             .iter()
             .enumerate()
             .filter(|(i, _)| member[*i])
-            .max_by_key(|(_, p)| p.info.chain.len())
+            .max_by_key(|(_, p)| snapshots(&p.info, &marked).len())
             .map(|(i, _)| i)
             .ok_or(Error::NoConsistentReplica)?;
-        let canonical = snapshots(&probes[longest].info);
+        let canonical = snapshots(&probes[longest].info, &marked);
         let mut taken_as = None;
         for (i, p) in probes.iter().enumerate() {
             if !member[i] {
                 continue;
             }
-            let chain = snapshots(&p.info);
+            let chain = snapshots(&p.info, &marked);
             if chain == canonical {
                 continue;
             }
@@ -246,9 +255,20 @@ impl Volume {
 /// left the snapshot marked removed on every member whose chain still holds
 /// it (`Inner::remove_snapshots` marks on all before removing on any). Such
 /// removals are finished on every member holding the snapshot, so that the
-/// chains agree again; a member that cannot finish one is a member no more
-/// (it is rebuilt).
-async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]) {
+/// chains agree again. Returns the file names of every marked snapshot.
+///
+/// A member that answers but cannot finish (its disk is full, say) stays a
+/// member: a marked snapshot changes nothing the volume reads, so its data
+/// is as good as the others', and the chains are compared without marked
+/// snapshots. Demoting it instead would leave no member at all when every
+/// disk is full, and the volume could not attach. The removal is tried
+/// again at the next open or when the snapshot is removed again. A member
+/// that does not answer, or fails a flush afterwards, is rebuilt.
+async fn finish_removals(
+    volume: &str,
+    probes: &mut [Probe],
+    member: &mut [bool],
+) -> BTreeSet<String> {
     let mut failed = Vec::new();
     let lists = join_all(probes.iter().zip(member.iter()).map(|(p, m)| async move {
         match m {
@@ -284,10 +304,20 @@ async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]
         tracing::warn!(volume.id = %volume, replica.addr = %addr, snapshots = ?held, "finishing an interrupted snapshot removal");
         Some(async move {
             let done = over_fresh(volume, addr, MERGE_TIMEOUT, |c| async move {
+                let mut refused = Vec::new();
                 for n in held {
-                    c.remove_snapshot(n).await?;
+                    match c.remove_snapshot(n).await {
+                        Ok(()) => {}
+                        Err(ClientError::Remote { message, .. }) => {
+                            refused.push(format!("{n}: {message}"));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                c.info_of(volume).await
+                if !refused.is_empty() {
+                    c.flush().await?;
+                }
+                Ok((c.info_of(volume).await?, refused))
             })
             .await;
             (i, done)
@@ -295,7 +325,12 @@ async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]
     });
     for (i, done) in join_all(work).await {
         match done {
-            Ok(info) => probes[i].info = info,
+            Ok((info, refused)) => {
+                probes[i].info = info;
+                if !refused.is_empty() {
+                    tracing::warn!(volume.id = %volume, replica.addr = %probes[i].addr, refused = ?refused, "cannot finish a snapshot removal; the replica serves with the snapshot still marked");
+                }
+            }
             Err(e) => failed.push((i, e.to_string())),
         }
     }
@@ -303,6 +338,7 @@ async fn finish_removals(volume: &str, probes: &mut [Probe], member: &mut [bool]
         tracing::warn!(volume.id = %volume, replica.addr = %probes[i].addr, error = %why, "cannot finish a snapshot removal; the replica is rebuilt");
         member[i] = false;
     }
+    marked.into_iter().map(meta::snap_file_name).collect()
 }
 
 /// Step 5: compare and copy the members' write-intent regions.

@@ -615,6 +615,7 @@ impl Replica {
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
         self.check_ok()?;
         let _shape = lock(&self.structure);
+        self.check_room_to_merge(name)?;
         let mut st = self.write_state();
         // 1. Mark it removed: if we crash after re-parenting the children,
         //    open() finishes the job instead of resurrecting it.
@@ -670,6 +671,55 @@ impl Replica {
         }
         crate::failpoint!("remove.unlinked");
         self.reload(&mut st)
+    }
+
+    /// Refuses to merge snapshot `name` away when its children lack more of
+    /// its blocks than the disk has free. A merge that ran out of space half
+    /// way would fail all the same, after taking the last free bytes from the
+    /// volume's own writes. The head's share is counted as it is now; writes
+    /// meanwhile only shrink it. Called with `structure` held.
+    fn check_room_to_merge(&self, name: &str) -> Result<()> {
+        let snap = meta::snap_file_name(name);
+        let (children, head, head_layer, size) = {
+            let st = self.read_state();
+            if !st.disks.contains_key(&snap) {
+                return Err(Error::SnapshotNotFound { name: name.into() });
+            }
+            let head_layer = Arc::clone(st.chain.last().expect("chain has a head"));
+            (children_of(&st, &snap), st.meta.head.clone(), head_layer, st.meta.size)
+        };
+        let src_set = Layer::open(&self.dir.join(&snap))
+            .and_then(|l| l.scan_extents(size))
+            .map_err(io_err(&snap))?;
+        let mut needed = 0;
+        for child in &children {
+            let child_set = if *child == head {
+                head_layer.scan_extents(size)
+            } else {
+                Layer::open(&self.dir.join(child)).and_then(|l| l.scan_extents(size))
+            }
+            .map_err(io_err(child))?;
+            let holes: u64 = src_set
+                .ranges()
+                .flat_map(|r| child_set.holes(r))
+                .map(|h| h.end - h.start)
+                .sum();
+            needed += holes * BLOCK_SIZE;
+        }
+        if needed == 0 {
+            return Ok(());
+        }
+        let fs = nix::sys::statvfs::statvfs(&self.dir)
+            .map_err(|e| io_err(self.dir.display().to_string())(e.into()))?;
+        let free = fs.blocks_available() * fs.fragment_size();
+        if needed > free {
+            return Err(Error::NoRoomToMerge {
+                name: name.into(),
+                needed,
+                free,
+            });
+        }
+        Ok(())
     }
 
     /// Copies what `src` holds into the holes of `head`, 1 MiB at a time.

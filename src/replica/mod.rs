@@ -140,6 +140,16 @@ pub enum Error {
         /// Snapshot name.
         name: String,
     },
+    /// Merging a snapshot away would need more disk space than is free.
+    #[error("removing snapshot {name:?} needs {needed} bytes of free disk space to merge it into its children; the disk has {free}: free space on it, or remove snapshots below it first")]
+    NoRoomToMerge {
+        /// Snapshot name.
+        name: String,
+        /// Bytes its children do not hold yet.
+        needed: u64,
+        /// Bytes free for this process on the replica's filesystem.
+        free: u64,
+    },
     /// Snapshot labels beyond the size limit.
     #[error("snapshot labels take {bytes} bytes; at most {max} are allowed")]
     LabelsTooLarge {
@@ -201,6 +211,7 @@ impl Error {
             Self::SizeMismatch { .. }
             | Self::Unsupported(_)
             | Self::SnapshotRemoving { .. }
+            | Self::NoRoomToMerge { .. }
             | Self::WrongVolume { .. }
             | Self::NotRebuilding { .. } => ErrorKind::FailedPrecondition,
             Self::NotChainSnapshot { .. } => ErrorKind::NotFound,

@@ -186,3 +186,60 @@ fn forget_finished(
     });
     marked.retain(|name| snaps.contains_key(name));
 }
+
+/// A tmpfs of a given size on a new temporary directory, unmounted when
+/// dropped: a disk that really fills up (mounting needs root).
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={bytes}").as_str()),
+        )
+        .expect("mounting a tmpfs (tests run as root)");
+        Self { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn filler(&self) -> std::path::PathBuf {
+        self.path().join("filler")
+    }
+
+    /// Takes all but `keep` bytes of the free space, with a file of its own.
+    pub fn fill_leaving(&self, keep: u64) {
+        let st = nix::sys::statvfs::statvfs(self.path()).expect("statvfs");
+        let free = st.blocks_available() * st.fragment_size();
+        assert!(free > keep, "only {free} bytes free");
+        let f = std::fs::File::create(self.filler()).expect("filler");
+        nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            i64::try_from(free - keep).expect("fits"),
+        )
+        .expect("fallocate filler");
+    }
+
+    /// Gives back what [`Self::fill_leaving`] took.
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.filler()).expect("remove filler");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
