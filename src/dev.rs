@@ -37,6 +37,8 @@ pub struct Config {
     pub nodes: usize,
     /// How volumes reach the kernel; `None`: iSCSI where it can.
     pub frontend: Option<node::attach::Frontend>,
+    /// Volumes each node may have attached at once; 0: no limit.
+    pub max_volumes: u32,
 }
 
 /// What can stop the dev cluster from starting.
@@ -204,7 +206,7 @@ pub async fn run(
             }],
             tags: Vec::new(),
             zone: None,
-            max_volumes: 0,
+            max_volumes: cfg.max_volumes,
             state_dir: home.join("state"),
             frontend: cfg.frontend,
             launcher: None,

@@ -84,6 +84,10 @@ struct DevArgs {
     /// How volumes reach the kernel (as `shorthorn node --frontend`).
     #[arg(long, value_enum, env = "SHORTHORN_FRONTEND", default_value = "auto")]
     frontend: NodeFrontend,
+    /// Volumes each node may have attached at once (as `shorthorn node
+    /// --max-volumes`); 0 means no limit.
+    #[arg(long, default_value_t = 0)]
+    max_volumes: u32,
 }
 
 #[derive(Parser, Debug)]
@@ -560,6 +564,7 @@ async fn run_dev(a: DevArgs) -> Result<()> {
         socket: shorthorn::controller::unix_endpoint(&a.csi_endpoint)?,
         nodes: usize::from(a.nodes),
         frontend: a.frontend.choice(),
+        max_volumes: a.max_volumes,
     };
     shorthorn::dev::run(cfg, terminated()).await?;
     Ok(())

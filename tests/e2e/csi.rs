@@ -806,7 +806,7 @@ async fn dev_mode_serves_the_whole_driver_on_one_socket() {
     let sock = dir.path().join("csi.sock");
     let mut dev = super::cluster::Proc(
         Command::new(env!("CARGO_BIN_EXE_shorthorn"))
-            .args(["dev", "--nodes", "2", "--data-dir"])
+            .args(["dev", "--nodes", "2", "--max-volumes", "5", "--data-dir"])
             .arg(dir.path().join("data"))
             .arg("--csi-endpoint")
             .arg(format!("unix://{}", sock.display()))
@@ -836,6 +836,7 @@ async fn dev_mode_serves_the_whole_driver_on_one_socket() {
         .unwrap()
         .into_inner();
     assert_eq!(info.node_id, "dev-0");
+    assert_eq!(info.max_volumes_per_node, 5, "dev --max-volumes");
     // Both nodes register before a two-replica volume can be placed.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let vol = loop {
