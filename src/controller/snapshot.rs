@@ -27,6 +27,15 @@ use crate::api::agent;
 /// How long a node may take to fill one replica of a restored volume.
 const RESTORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// What one round of `ReplicaSnapshot` calls does on every replica of a
+/// detached volume.
+#[derive(Debug, Clone, Copy)]
+enum Round {
+    Take,
+    MarkRemoved,
+    Remove,
+}
+
 impl Controller {
     /// Takes (or with `remove`, removes) snapshot `snapshot` on every
     /// replica of `v`: through its engine when published, else on each
@@ -58,9 +67,10 @@ impl Controller {
         // or a mark on every replica still holding the layer, which the
         // next engine (or a retry) finishes.
         if remove {
-            self.on_every_replica(v, snapshot, true, true).await?;
+            self.on_every_replica(v, snapshot, Round::MarkRemoved).await?;
+            return self.on_every_replica(v, snapshot, Round::Remove).await;
         }
-        self.on_every_replica(v, snapshot, remove, false).await
+        self.on_every_replica(v, snapshot, Round::Take).await
     }
 
     /// One `ReplicaSnapshot` call per replica of `v`, side by side.
@@ -68,9 +78,13 @@ impl Controller {
         &self,
         v: &VolumeRecord,
         snapshot: &str,
-        remove: bool,
-        mark_only: bool,
+        round: Round,
     ) -> Result<(), Status> {
+        let (remove, mark_only) = match round {
+            Round::Take => (false, false),
+            Round::MarkRemoved => (true, true),
+            Round::Remove => (true, false),
+        };
         let calls = v.replicas.iter().map(|rep| async move {
             self.agent(&rep.node)
                 .await?
