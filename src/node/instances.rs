@@ -9,7 +9,10 @@
 //!
 //! An engine serves its volume through the FUSE frontend as the file
 //! `<state>/engines/<volume>/volume` (NodeStage puts a loop device over
-//! it), and its control API on loopback with a port kept across restarts.
+//! it), or as an iSCSI target on a loopback portal; which one is decided
+//! when the engine starts (`attach::choose`), so an iscsid started after
+//! the node plugin is used from the next attach on. Its control API is on
+//! loopback with a port kept across restarts.
 //!
 //! Every instance has a record, `<state>/instances/<kind>.<volume>.<name>.json`,
 //! holding its exact command line. It is written (fsynced, renamed into
@@ -335,8 +338,8 @@ pub struct Instances {
     ip: IpAddr,
     disks: Vec<PathBuf>,
     state: PathBuf,
-    /// How engines started here serve their volumes.
-    frontend: Frontend,
+    /// The frontend asked for; `None`: chosen at each engine start.
+    frontend: Option<Frontend>,
     live: Mutex<BTreeMap<String, Instance>>,
     /// Serialises starts and stops so two calls for one instance cannot
     /// race.
@@ -563,7 +566,7 @@ impl Instances {
         ip: IpAddr,
         disks: Vec<PathBuf>,
         state: PathBuf,
-        frontend: Frontend,
+        frontend: Option<Frontend>,
     ) -> Self {
         Self {
             starter,
@@ -874,6 +877,11 @@ impl Instances {
             name: format!("engine of {volume}"),
             cause,
         };
+        let want = self.frontend;
+        let frontend = tokio::task::spawn_blocking(move || super::attach::choose(want))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(fail)?;
         let dir = crate::parent_dir(&path).expect("engine file has a directory");
         std::fs::create_dir_all(dir).map_err(os("creating", dir))?;
         let lo = IpAddr::from([127, 0, 0, 1]);
@@ -889,11 +897,11 @@ impl Instances {
             "--control",
             &control,
             "--frontend",
-            self.frontend.as_str(),
+            frontend.as_str(),
         ]
         .map(str::to_owned)
         .to_vec();
-        match self.frontend {
+        match frontend {
             Frontend::Fuse => args.extend(["--path".to_owned(), path.display().to_string()]),
             // The initiator is on this node: the portal needs no other
             // address than loopback, and keeps its port across restarts

@@ -589,10 +589,12 @@ pub async fn run(
     std::fs::create_dir_all(cfg.state_dir.join("engines")).map_err(|e| {
         serve_err(format!("state directory {}", cfg.state_dir.display()))(e.to_string())
     })?;
+    // Checked now so that a node told to use iSCSI where it cannot fails at
+    // start; each engine start chooses again (iscsid may come up later).
     let frontend = attach::choose(cfg.frontend).map_err(serve_err("the iSCSI frontend"))?;
     tracing::info!(
         frontend = frontend.as_str(),
-        "engines serve volumes to the kernel"
+        "engines started now would serve volumes this way"
     );
     let starter = match &cfg.launcher {
         Some(socket) => instances::Starter::Launcher(socket.clone()),
@@ -603,7 +605,7 @@ pub async fn run(
         cfg.agent_listen.ip(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
         cfg.state_dir.clone(),
-        frontend,
+        cfg.frontend,
     );
     // Before serving: the processes a previous run of this node left (or
     // that died with the machine) are found or started again.
