@@ -482,7 +482,11 @@ async fn an_interrupted_snapshot_removal_no_disk_has_room_to_finish_leaves_the_v
     let v = open_healthy(&r.addrs, &want).await;
     for a in &r.addrs {
         let names: Vec<String> = layers(a).await.into_iter().map(|l| l.name).collect();
-        assert_eq!(names.iter().filter(|n| *n == "s1").count(), 0, "{a}: {names:?}");
+        assert_eq!(
+            names.iter().filter(|n| *n == "s1").count(),
+            0,
+            "{a}: {names:?}"
+        );
     }
     cluster::stop_and_compare(v, r.procs, &r.dirs, VSIZE, "replicas differ").await;
 }

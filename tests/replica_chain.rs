@@ -274,7 +274,11 @@ fn removing_a_snapshot_without_room_to_merge_it_is_refused_and_changes_nothing()
     };
     let want = read_all();
     disk.fill_leaving(1 << 20);
-    let free = || nix::sys::statvfs::statvfs(disk.path()).unwrap().blocks_available();
+    let free = || {
+        nix::sys::statvfs::statvfs(disk.path())
+            .unwrap()
+            .blocks_available()
+    };
     let layers = || -> Vec<(String, u64, bool)> {
         r.list()
             .unwrap()
@@ -294,8 +298,16 @@ fn removing_a_snapshot_without_room_to_merge_it_is_refused_and_changes_nothing()
             }
             other => panic!("removing {name}: {other:?}"),
         }
-        assert_eq!(layers(), before, "the refused removal of {name} changed a layer");
-        assert_eq!(free(), free_before, "the refused removal of {name} took space");
+        assert_eq!(
+            layers(),
+            before,
+            "the refused removal of {name} changed a layer"
+        );
+        assert_eq!(
+            free(),
+            free_before,
+            "the refused removal of {name} took space"
+        );
         assert_eq!(read_all(), want);
     }
     // The volume's own writes still find the space left.

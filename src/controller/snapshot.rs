@@ -67,7 +67,8 @@ impl Controller {
         // or a mark on every replica still holding the layer, which the
         // next engine (or a retry) finishes.
         if remove {
-            self.on_every_replica(v, snapshot, Round::MarkRemoved).await?;
+            self.on_every_replica(v, snapshot, Round::MarkRemoved)
+                .await?;
             return self.on_every_replica(v, snapshot, Round::Remove).await;
         }
         self.on_every_replica(v, snapshot, Round::Take).await

@@ -686,7 +686,12 @@ impl Replica {
                 return Err(Error::SnapshotNotFound { name: name.into() });
             }
             let head_layer = Arc::clone(st.chain.last().expect("chain has a head"));
-            (children_of(&st, &snap), st.meta.head.clone(), head_layer, st.meta.size)
+            (
+                children_of(&st, &snap),
+                st.meta.head.clone(),
+                head_layer,
+                st.meta.size,
+            )
         };
         let src_set = Layer::open(&self.dir.join(&snap))
             .and_then(|l| l.scan_extents(size))
