@@ -615,7 +615,7 @@ impl Replica {
     pub fn remove_snapshot(&self, name: &str) -> Result<()> {
         self.check_ok()?;
         let _shape = lock(&self.structure);
-        self.check_room_to_merge(name)?;
+        let (src, src_set) = self.merge_source(name)?;
         let mut st = self.write_state();
         // 1. Mark it removed: if we crash after re-parenting the children,
         //    open() finishes the job instead of resurrecting it.
@@ -626,8 +626,6 @@ impl Replica {
         let head = st.meta.head.clone();
         let head_layer = Arc::clone(st.chain.last().expect("chain has a head"));
         drop(st);
-        let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
-        let src_set = src.scan_extents(size).map_err(io_err(&snap))?;
         // 2. Copy what each child does not shadow, then make it durable.
         let mut buf = Vec::new();
         for child in &children {
@@ -673,12 +671,14 @@ impl Replica {
         self.reload(&mut st)
     }
 
-    /// Refuses to merge snapshot `name` away when its children lack more of
-    /// its blocks than the disk has free. A merge that ran out of space half
-    /// way would fail all the same, after taking the last free bytes from the
-    /// volume's own writes. The head's share is counted as it is now; writes
-    /// meanwhile only shrink it. Called with `structure` held.
-    fn check_room_to_merge(&self, name: &str) -> Result<()> {
+    /// Snapshot `name`'s layer and extents, for merging it into its
+    /// children; refused when they lack more of its blocks than the disk
+    /// has free. A merge that ran out of space half way would fail all the
+    /// same, after taking the last free bytes from the volume's own writes.
+    /// The head's share is counted as it is now; writes meanwhile only
+    /// shrink it. Called with `structure` held, so the snapshot and its
+    /// children stay as they are.
+    fn merge_source(&self, name: &str) -> Result<(Layer, ExtentSet)> {
         let snap = meta::snap_file_name(name);
         let (children, head, head_layer, size) = {
             let st = self.read_state();
@@ -693,9 +693,8 @@ impl Replica {
                 st.meta.size,
             )
         };
-        let src_set = Layer::open(&self.dir.join(&snap))
-            .and_then(|l| l.scan_extents(size))
-            .map_err(io_err(&snap))?;
+        let src = Layer::open(&self.dir.join(&snap)).map_err(io_err(&snap))?;
+        let src_set = src.scan_extents(size).map_err(io_err(&snap))?;
         let mut needed = 0;
         for child in &children {
             let child_set = if *child == head {
@@ -712,7 +711,7 @@ impl Replica {
             needed += holes * BLOCK_SIZE;
         }
         if needed == 0 {
-            return Ok(());
+            return Ok((src, src_set));
         }
         let fs = nix::sys::statvfs::statvfs(&self.dir)
             .map_err(|e| io_err(self.dir.display().to_string())(e.into()))?;
@@ -724,7 +723,7 @@ impl Replica {
                 free,
             });
         }
-        Ok(())
+        Ok((src, src_set))
     }
 
     /// Copies what `src` holds into the holes of `head`, 1 MiB at a time.
